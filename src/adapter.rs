@@ -1,0 +1,375 @@
+//! An adapter on disk: `adapter_config.json` + `adapter_model.safetensors`, PEFT's layout.
+//!
+//! [`Adapter::load`] validates everything it can without the base model: the config, every key
+//! (PEFT's grammar, with or without the `base_model.model.` prefix), that each module has both
+//! factors with agreeing ranks, no empty tensors (the usual symptom of an unsharded ZeRO-3/FSDP
+//! export) and no NaN or infinity. The per-module rank is read from the tensor shapes.
+//! [`Adapter::save`] writes what PEFT writes: sorted keys, f32 tensors, `{"format": "pt"}`
+//! metadata, and a config with PEFT's full field set; each file atomically.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::config::{LoraConfig, ModuleKind, CONFIG_FILE};
+use crate::error::{Error, Result};
+use crate::keys::{self, Factor};
+use crate::st::{self, SafeFile};
+
+/// The weights file name PEFT writes.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// The PEFT version whose `adapter_config.json` field set [`Adapter::save`] writes.
+pub const PEFT_FORMAT_VERSION: &str = "0.21.2";
+
+/// The two factors of one adapted module.
+#[derive(Debug, Clone)]
+pub struct ModuleAdapter {
+    /// Linear, embedding or conv, from the key names and A's rank.
+    pub kind: ModuleKind,
+    /// `lora_A` (`[r, in]`, `[r, vocab]` or `[r, in, kh, kw]`).
+    pub a: Tensor,
+    /// `lora_B` (`[out, r]`, `[dim, r]` or `[out, r, 1, 1]`).
+    pub b: Tensor,
+}
+
+impl ModuleAdapter {
+    /// The rank, from A's shape.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// Trainable parameter count.
+    pub fn num_params(&self) -> usize {
+        self.a.elem_count() + self.b.elem_count()
+    }
+
+    /// The weight update in the base weight's layout, f32: linear `s·B·A` `[out, in]`
+    /// (transposed to `[in, out]` when `fan_in_fan_out`), embedding `s·(B·A)ᵀ` `[vocab, dim]`,
+    /// conv `s·einsum(or,rikl->oikl)` `[out, in, kh, kw]`.
+    pub fn delta_weight(&self, scale: f64, fan_in_fan_out: bool) -> Result<Tensor> {
+        let a = self.a.to_dtype(DType::F32)?;
+        let b = self.b.to_dtype(DType::F32)?;
+        let d = match self.kind {
+            ModuleKind::Linear => {
+                let d = b.matmul(&a)?;
+                if fan_in_fan_out {
+                    d.t()?.contiguous()?
+                } else {
+                    d
+                }
+            }
+            ModuleKind::Embedding => b.matmul(&a)?.t()?.contiguous()?,
+            ModuleKind::Conv2d => {
+                let (r, i, kh, kw) = a.dims4()?;
+                let o = b.dim(0)?;
+                b.reshape((o, r))?
+                    .matmul(&a.reshape((r, i * kh * kw))?)?
+                    .reshape((o, i, kh, kw))?
+            }
+        };
+        Ok((d * scale)?)
+    }
+
+    /// The shape of the base weight this adapter fits.
+    pub fn base_shape(&self, fan_in_fan_out: bool) -> Vec<usize> {
+        let (a, b) = (self.a.dims(), self.b.dims());
+        match self.kind {
+            ModuleKind::Linear if fan_in_fan_out => vec![a[1], b[0]],
+            ModuleKind::Linear => vec![b[0], a[1]],
+            ModuleKind::Embedding => vec![a[1], b[0]],
+            ModuleKind::Conv2d => vec![b[0], a[1], a[2], a[3]],
+        }
+    }
+}
+
+/// A LoRA adapter: its config and the factors of every adapted module, keyed by module name
+/// (without the `base_model.model.` prefix).
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// The adapter's config.
+    pub config: LoraConfig,
+    /// Module name → factors, sorted.
+    pub modules: BTreeMap<String, ModuleAdapter>,
+}
+
+impl Adapter {
+    /// The scale of `module`: α (from `alpha_pattern`) over r read from the tensor shapes
+    /// (√r with rsLoRA).
+    pub fn scale_for(&self, module: &str) -> Result<f64> {
+        let m = self.modules.get(module).ok_or_else(|| Error::Module {
+            module: module.to_string(),
+            reason: "has no adapter".into(),
+        })?;
+        Ok(self.config.scaling(self.config.alpha_for(module), m.rank()))
+    }
+
+    /// Total trainable parameter count.
+    pub fn num_params(&self) -> usize {
+        self.modules.values().map(ModuleAdapter::num_params).sum()
+    }
+
+    /// Loads and validates an adapter directory onto `dev` (tensors in their stored dtype).
+    pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "adapter directory not found"),
+            ));
+        }
+        let config = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
+        config.check_supported()?;
+        let weights = dir.join(WEIGHTS_FILE);
+        if !weights.exists() && dir.join("adapter_model.bin").exists() {
+            return Err(Error::Unsupported {
+                path: dir.join("adapter_model.bin"),
+                reason: "pickled PyTorch weights are refused (they can run code when loaded); \
+                         re-save the adapter with safe_serialization=True to get adapter_model.safetensors"
+                    .into(),
+            });
+        }
+        let file = SafeFile::open(&weights)?;
+        let modules = read_modules(&file, dev)?;
+        if modules.is_empty() {
+            return Err(Error::MissingTensor {
+                key: "lora_A/lora_B".into(),
+                file: Some(weights),
+            });
+        }
+        Ok(Adapter { config, modules })
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if
+    /// needed), tensors in f32, atomically per file. `inference_mode` is written true, as PEFT.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut tensors = BTreeMap::new();
+        for (name, m) in &self.modules {
+            let (fa, fb) = match m.kind {
+                ModuleKind::Embedding => (Factor::EmbeddingA, Factor::EmbeddingB),
+                _ => (Factor::A, Factor::B),
+            };
+            tensors.insert(keys::format(name, fa), m.a.to_dtype(DType::F32)?);
+            tensors.insert(keys::format(name, fb), m.b.to_dtype(DType::F32)?);
+        }
+        st::save(&dir.join(WEIGHTS_FILE), &tensors, &st::pt_metadata())?;
+        let mut cfg = self.config.clone();
+        cfg.inference_mode = true;
+        fill_peft_fields(&mut cfg);
+        st::write_text_atomic(&dir.join(CONFIG_FILE), &cfg.to_json()?)
+    }
+
+    /// Checks the adapter against the base weights' shapes (`name → shape` of each
+    /// `<module>.weight`): every module must exist with a fitting shape.
+    pub fn check_fits(
+        &self,
+        base_shapes: &BTreeMap<String, Vec<usize>>,
+        file: &Path,
+    ) -> Result<()> {
+        for (name, m) in &self.modules {
+            let key = format!("{name}.weight");
+            let Some(shape) = base_shapes.get(&key) else {
+                return Err(Error::UnusedTensor {
+                    key: keys::format(
+                        name,
+                        if m.kind == ModuleKind::Embedding {
+                            Factor::EmbeddingA
+                        } else {
+                            Factor::A
+                        },
+                    ),
+                    file: file.to_path_buf(),
+                    hint: format!("the base has no `{key}`: is this an adapter for another model?"),
+                });
+            };
+            let want = m.base_shape(self.config.fan_in_fan_out);
+            if *shape != want {
+                return Err(Error::ShapeMismatch {
+                    key: name.clone(),
+                    got: want,
+                    what: format!(
+                        "the base weight `{key}` of shape {shape:?} (adapter for another model?)"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Groups the file's keys into modules and validates each.
+fn read_modules(file: &SafeFile, dev: &Device) -> Result<BTreeMap<String, ModuleAdapter>> {
+    let path = file.path();
+    let mut parts: BTreeMap<String, BTreeMap<Factor, Tensor>> = BTreeMap::new();
+    for key in file.names() {
+        let (module, factor) = keys::parse(&key, path)?;
+        let (_, shape) = file.info(&key)?;
+        if shape.contains(&0) || shape.is_empty() {
+            return Err(Error::ShapeMismatch {
+                key,
+                got: shape,
+                what: "a LoRA factor: it is empty (an unsharded ZeRO-3/FSDP export?)".into(),
+            });
+        }
+        let t = file.tensor(&key, dev)?;
+        crate::layers::check_finite(&t, &key, "loading the adapter")?;
+        if parts.entry(module).or_default().insert(factor, t).is_some() {
+            return Err(Error::BadSafetensors {
+                path: path.into(),
+                reason: format!("tensor `{key}` appears twice"),
+            });
+        }
+    }
+    parts
+        .into_iter()
+        .map(|(name, f)| Ok((name.clone(), module_from_parts(name, f, path)?)))
+        .collect()
+}
+
+fn module_from_parts(
+    name: String,
+    mut f: BTreeMap<Factor, Tensor>,
+    path: &Path,
+) -> Result<ModuleAdapter> {
+    let missing = |factor| Error::MissingTensor {
+        key: keys::format(&name, factor),
+        file: Some(path.into()),
+    };
+    let (kind, a, b) = if f.contains_key(&Factor::EmbeddingA) || f.contains_key(&Factor::EmbeddingB)
+    {
+        let a = f
+            .remove(&Factor::EmbeddingA)
+            .ok_or_else(|| missing(Factor::EmbeddingA))?;
+        let b = f
+            .remove(&Factor::EmbeddingB)
+            .ok_or_else(|| missing(Factor::EmbeddingB))?;
+        (ModuleKind::Embedding, a, b)
+    } else {
+        let a = f.remove(&Factor::A).ok_or_else(|| missing(Factor::A))?;
+        let b = f.remove(&Factor::B).ok_or_else(|| missing(Factor::B))?;
+        let kind = match a.rank() {
+            2 => ModuleKind::Linear,
+            4 => ModuleKind::Conv2d,
+            n => {
+                return Err(Error::UnsupportedFeature {
+                    feature: format!("{n}-D lora_A"),
+                    detail: format!(
+                        "module `{name}` (only Linear, Embedding and Conv2d are supported)"
+                    ),
+                })
+            }
+        };
+        (kind, a, b)
+    };
+    if let Some((extra, _)) = f.into_iter().next() {
+        return Err(Error::UnusedTensor {
+            key: keys::format(&name, extra),
+            file: path.into(),
+            hint: "mixes embedding and linear factors".into(),
+        });
+    }
+    let r = a.dims()[0];
+    let b_rank = match kind {
+        ModuleKind::Conv2d if b.rank() == 4 && b.dims()[2..] == [1, 1] => b.dims()[1],
+        ModuleKind::Linear | ModuleKind::Embedding if b.rank() == 2 => b.dims()[1],
+        _ => usize::MAX,
+    };
+    if b_rank != r {
+        return Err(Error::ShapeMismatch {
+            key: name,
+            got: b.dims().to_vec(),
+            what: format!("lora_B for lora_A of shape {:?} (rank {r})", a.dims()),
+        });
+    }
+    Ok(ModuleAdapter { kind, a, b })
+}
+
+/// PEFT 0.21.2 writes every field of its `LoraConfig`; fill those the config lacks with PEFT's
+/// defaults so that a saved config has exactly PEFT's field set.
+fn fill_peft_fields(cfg: &mut LoraConfig) {
+    let defaults: [(&str, Value); 21] = [
+        ("alora_invocation_tokens", Value::Null),
+        ("arrow_config", Value::Null),
+        ("auto_mapping", Value::Null),
+        ("corda_config", Value::Null),
+        ("ensure_weight_tying", Value::Bool(false)),
+        ("eva_config", Value::Null),
+        ("kasa_config", Value::Null),
+        ("layer_replication", Value::Null),
+        ("loftq_config", Value::Object(Default::default())),
+        ("lora_ga_config", Value::Null),
+        ("megatron_config", Value::Null),
+        ("megatron_core", Value::from("megatron.core")),
+        ("monteclora_config", Value::Null),
+        ("peft_version", Value::from(PEFT_FORMAT_VERSION)),
+        ("qalora_group_size", Value::from(16)),
+        ("revision", Value::Null),
+        ("target_parameters", Value::Null),
+        ("trainable_token_indices", Value::Null),
+        ("use_bdlora", Value::Null),
+        ("use_qalora", Value::Bool(false)),
+        ("velora_config", Value::Null),
+    ];
+    for (k, v) in defaults {
+        cfg.extra.entry(k.to_string()).or_insert(v);
+    }
+}
+
+/// The adapter directory's weights file.
+pub fn weights_path(dir: &Path) -> PathBuf {
+    dir.join(WEIGHTS_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tinynet_linear/adapter")
+    }
+
+    #[test]
+    fn loads_peft_adapter_with_ranks_from_shapes() {
+        let a = Adapter::load(&fixture(), &Device::Cpu).unwrap();
+        let names: Vec<_> = a.modules.keys().cloned().collect();
+        assert_eq!(
+            names,
+            ["blocks.0.q", "blocks.0.v", "blocks.1.q", "blocks.1.v"]
+        );
+        for m in a.modules.values() {
+            assert_eq!((m.kind, m.rank()), (ModuleKind::Linear, 4));
+            assert_eq!(m.a.dims(), &[4, 16]);
+        }
+        assert_eq!(a.scale_for("blocks.0.q").unwrap(), 2.0);
+        assert_eq!(a.num_params(), 4 * (4 * 16 + 16 * 4));
+    }
+
+    #[test]
+    fn save_writes_peft_keys_and_fields_and_loads_back_bit_identical() {
+        let a = Adapter::load(&fixture(), &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        a.save(dir.path()).unwrap();
+        let ours = SafeFile::open(&dir.path().join(WEIGHTS_FILE)).unwrap();
+        let theirs = SafeFile::open(&fixture().join(WEIGHTS_FILE)).unwrap();
+        assert_eq!(ours.names(), theirs.names());
+        assert_eq!(ours.metadata(), theirs.metadata());
+        for k in theirs.names() {
+            assert_eq!(ours.info(&k).unwrap(), theirs.info(&k).unwrap(), "{k}");
+            assert_eq!(ours.bytes(&k).unwrap(), theirs.bytes(&k).unwrap(), "{k}");
+        }
+        let read = |p: &Path| -> serde_json::Map<String, Value> {
+            serde_json::from_str(&std::fs::read_to_string(p.join(CONFIG_FILE)).unwrap()).unwrap()
+        };
+        let (ours, theirs) = (read(dir.path()), read(&fixture()));
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            ours, theirs,
+            "a loaded PEFT config is written back unchanged"
+        );
+    }
+}

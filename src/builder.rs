@@ -1,0 +1,506 @@
+//! [`LoraBuilder`]: builds a model's layers by their full module name, giving each one a LoRA
+//! adapter exactly where the [`LoraConfig`] targets it (PEFT's matching rules).
+//!
+//! Model code asks for `vb.pp("self_attn").pp("q_proj").linear(64, 64, false)` as it would with
+//! candle's `VarBuilder`; the builder knows the name `model.layers.0.self_attn.q_proj`, loads the
+//! frozen base weight from the checkpoint, and returns a [`LoraLinear`] that is plain or adapted.
+//! The adapter's `A`/`B` variables are recorded, so [`LoraBuilder::adapter`] can snapshot them in
+//! PEFT's format at any time (after training, say) and [`LoraBuilder::trainable_vars`] gives the
+//! optimizer exactly those.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use lora::{builder::{LoraBuilder, MapSource}, LoraConfig};
+//! # fn main() -> lora::Result<()> {
+//! let dev = Device::Cpu;
+//! let mut weights = std::collections::BTreeMap::new();
+//! weights.insert("blocks.0.q.weight".to_string(), Tensor::ones((16, 16), DType::F32, &dev)?);
+//! weights.insert("blocks.0.k.weight".to_string(), Tensor::ones((16, 16), DType::F32, &dev)?);
+//! let vb = LoraBuilder::new(MapSource::new(weights), DType::F32, dev)
+//!     .with_config(LoraConfig::new(4, 8.0, &["q"]))?;
+//! let q = vb.pp("blocks.0.q").linear(16, 16, false)?;
+//! let k = vb.pp("blocks.0.k").linear(16, 16, false)?;
+//! assert!(q.lora().is_some() && k.lora().is_none());
+//! assert_eq!(vb.trainable_vars().len(), 2);
+//! vb.finish()?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::adapter::{Adapter, ModuleAdapter};
+use crate::checkpoint::Checkpoint;
+use crate::config::{LoraConfig, ModuleKind, TargetModules};
+use crate::error::{Error, Result};
+use crate::layers::{Conv2dGeometry, LoraConv2d, LoraEmbedding, LoraLinear, LoraRng, LoraSpec};
+
+/// Where frozen base tensors come from.
+pub trait TensorSource: Send + Sync {
+    /// The tensor `name` in its stored dtype, or `None` if absent.
+    fn get(&self, name: &str, dev: &Device) -> Result<Option<Tensor>>;
+    /// A description for messages (a path).
+    fn describe(&self) -> String;
+}
+
+impl TensorSource for Checkpoint {
+    fn get(&self, name: &str, dev: &Device) -> Result<Option<Tensor>> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        self.tensor(name, dev).map(Some)
+    }
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+/// Tensors held in memory, by name.
+#[derive(Debug, Clone, Default)]
+pub struct MapSource(BTreeMap<String, Tensor>);
+
+impl MapSource {
+    /// Wraps a name → tensor map.
+    pub fn new(map: BTreeMap<String, Tensor>) -> Self {
+        MapSource(map)
+    }
+}
+
+impl TensorSource for MapSource {
+    fn get(&self, name: &str, _dev: &Device) -> Result<Option<Tensor>> {
+        Ok(self.0.get(name).cloned())
+    }
+    fn describe(&self) -> String {
+        "in-memory weights".into()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Registered {
+    kind: ModuleKind,
+    a: Var,
+    b: Var,
+}
+
+#[derive(Default)]
+struct State {
+    adapters: BTreeMap<String, Registered>,
+    trainable: Vec<(String, Var)>,
+    modules: BTreeSet<String>,
+}
+
+struct Inner {
+    source: Box<dyn TensorSource>,
+    dtype: DType,
+    device: Device,
+    config: Option<LoraConfig>,
+    init_from: Option<Adapter>,
+    full: bool,
+    rng: LoraRng,
+    state: Mutex<State>,
+}
+
+/// Builds layers by module name, plain or with LoRA (see the module doc).
+#[derive(Clone)]
+pub struct LoraBuilder {
+    inner: Arc<Inner>,
+    path: Vec<String>,
+}
+
+impl LoraBuilder {
+    /// A builder over `source` that loads weights as `dtype` on `device`; no adapters yet.
+    pub fn new(source: impl TensorSource + 'static, dtype: DType, device: Device) -> Self {
+        LoraBuilder {
+            inner: Arc::new(Inner {
+                source: Box::new(source),
+                dtype,
+                device,
+                config: None,
+                init_from: None,
+                full: false,
+                rng: LoraRng::new(0),
+                state: Mutex::new(State::default()),
+            }),
+            path: vec![],
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Inner)) -> Result<Self> {
+        let inner = Arc::get_mut(&mut self.inner)
+            .ok_or_else(|| Error::State("configure the builder before building layers".into()))?;
+        f(inner);
+        Ok(self)
+    }
+
+    /// Adds new adapters where `config` targets (initialised by `config.init_lora_weights`).
+    pub fn with_config(self, config: LoraConfig) -> Result<Self> {
+        config.validate()?;
+        config.check_supported()?;
+        self.edit(|i| i.config = Some(config))
+    }
+
+    /// Puts the given adapter's tensors on the modules it names (its config decides the scale).
+    /// Its values become trainable variables, so training can continue from it.
+    pub fn with_adapter(self, adapter: Adapter) -> Result<Self> {
+        let cfg = adapter.config.clone();
+        self.with_config(cfg)?.edit(|i| i.init_from = Some(adapter))
+    }
+
+    /// Full fine-tuning: every weight is a trainable variable and no adapter is added.
+    pub fn full_finetune(self) -> Result<Self> {
+        self.edit(|i| i.full = true)
+    }
+
+    /// Seeds the random source of every init and dropout mask.
+    pub fn with_seed(self, seed: u64) -> Result<Self> {
+        self.edit(|i| i.rng = LoraRng::new(seed))
+    }
+
+    /// The shared random source (its state goes into training checkpoints).
+    pub fn rng(&self) -> &LoraRng {
+        &self.inner.rng
+    }
+
+    /// The device weights load onto.
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    /// The dtype weights load as.
+    pub fn dtype(&self) -> DType {
+        self.inner.dtype
+    }
+
+    /// The LoRA config, if any.
+    pub fn config(&self) -> Option<&LoraConfig> {
+        self.inner.config.as_ref()
+    }
+
+    /// A builder one level down: `pp("self_attn")`.
+    pub fn pp(&self, s: impl ToString) -> Self {
+        let mut path = self.path.clone();
+        path.push(s.to_string());
+        LoraBuilder {
+            inner: self.inner.clone(),
+            path,
+        }
+    }
+
+    /// The current module's full dotted name.
+    pub fn name(&self) -> String {
+        self.path.join(".")
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads `<name>.<leaf>` with the expected shape, as the builder's dtype.
+    fn load(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        let key = if self.path.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.name())
+        };
+        let t = self
+            .inner
+            .source
+            .get(&key, &self.inner.device)?
+            .ok_or_else(|| Error::MissingTensor {
+                key: key.clone(),
+                file: Some(self.inner.source.describe().into()),
+            })?;
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                key,
+                got: t.dims().to_vec(),
+                what: format!("the model (expected {shape:?})"),
+            });
+        }
+        Ok(t.to_dtype(self.inner.dtype)?)
+    }
+
+    /// A tensor that is not part of a LoRA-able layer (a norm weight, say): frozen, or a
+    /// trainable variable under full fine-tuning.
+    pub fn tensor(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.load(leaf, shape)?;
+        if !self.inner.full {
+            return Ok(t);
+        }
+        let v = Var::from_tensor(&t)?;
+        let name = if self.path.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.name())
+        };
+        self.state().trainable.push((name, v.clone()));
+        Ok(v.as_tensor().clone())
+    }
+
+    /// Decides whether the current module gets an adapter; returns its spec and any loaded
+    /// tensors.
+    fn plan(&self, kind: ModuleKind) -> Result<Option<(LoraSpec, Option<ModuleAdapter>)>> {
+        let name = self.name();
+        self.state().modules.insert(name.clone());
+        let Some(cfg) = &self.inner.config else {
+            return Ok(None);
+        };
+        let targeted = cfg.is_target(&name, kind)?;
+        let loaded = self
+            .inner
+            .init_from
+            .as_ref()
+            .and_then(|a| a.modules.get(&name).cloned());
+        match (&self.inner.init_from, targeted, &loaded) {
+            (Some(_), true, None) => {
+                return Err(Error::MissingTensor {
+                    key: crate::keys::format(&name, crate::keys::Factor::A),
+                    file: Some("the adapter (its config targets this module)".into()),
+                })
+            }
+            (Some(_), false, Some(_)) => {
+                return Err(Error::Module {
+                    module: name,
+                    reason: "has adapter tensors but the adapter's config does not target it"
+                        .into(),
+                })
+            }
+            (_, false, _) => return Ok(None),
+            _ => {}
+        }
+        if let Some(m) = &loaded {
+            if m.kind != kind {
+                return Err(Error::Module {
+                    module: name,
+                    reason: format!(
+                        "adapter holds {:?} factors but the module is {kind:?}",
+                        m.kind
+                    ),
+                });
+            }
+        }
+        let r = loaded
+            .as_ref()
+            .map_or(cfg.rank_for(&name), ModuleAdapter::rank);
+        let spec = LoraSpec {
+            r,
+            alpha: cfg.alpha_for(&name),
+            use_rslora: cfg.use_rslora,
+            dropout: cfg.lora_dropout as f32,
+            init: cfg.init_lora_weights.clone(),
+        };
+        Ok(Some((spec, loaded)))
+    }
+
+    fn register(&self, kind: ModuleKind, vars: Vec<Var>) {
+        if let [a, b] = vars.as_slice() {
+            let name = self.name();
+            let mut st = self.state();
+            st.adapters.insert(
+                name.clone(),
+                Registered {
+                    kind,
+                    a: a.clone(),
+                    b: b.clone(),
+                },
+            );
+            st.trainable.push((format!("{name}.lora_A"), a.clone()));
+            st.trainable.push((format!("{name}.lora_B"), b.clone()));
+        }
+    }
+
+    fn register_full(&self, vars: Vec<Var>) {
+        let name = self.name();
+        let mut st = self.state();
+        for (i, v) in vars.into_iter().enumerate() {
+            st.trainable.push((
+                format!("{name}.{}", if i == 0 { "weight" } else { "bias" }),
+                v,
+            ));
+        }
+    }
+
+    /// A linear layer `[out, in]` (with bias if `bias`), adapted where targeted.
+    pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
+        let w = self.load("weight", &[out_dim, in_dim])?;
+        let b = bias.then(|| self.load("bias", &[out_dim])).transpose()?;
+        if self.inner.full {
+            self.state().modules.insert(self.name());
+            let l = LoraLinear::trainable(&w, b.as_ref())?;
+            self.register_full(l.trainable_vars());
+            return Ok(l);
+        }
+        let layer = match self.plan(ModuleKind::Linear)? {
+            None => LoraLinear::frozen(w, b),
+            Some((spec, None)) => LoraLinear::new(w, b, &spec, &self.inner.rng, &self.name())?,
+            Some((spec, Some(m))) => LoraLinear::from_adapter(
+                w,
+                b,
+                m.a,
+                m.b,
+                spec.scale(),
+                spec.dropout,
+                &self.name(),
+                &self.inner.rng,
+            )?,
+        };
+        self.register(
+            ModuleKind::Linear,
+            layer.lora().map(|l| l.vars()).unwrap_or_default(),
+        );
+        Ok(layer)
+    }
+
+    /// An embedding table `[vocab, dim]`, adapted where targeted.
+    pub fn embedding(&self, vocab: usize, dim: usize) -> Result<LoraEmbedding> {
+        let t = self.load("weight", &[vocab, dim])?;
+        if self.inner.full {
+            self.state().modules.insert(self.name());
+            let e = LoraEmbedding::trainable(&t)?;
+            self.register_full(e.trainable_vars());
+            return Ok(e);
+        }
+        let layer = match self.plan(ModuleKind::Embedding)? {
+            None => LoraEmbedding::frozen(t),
+            Some((spec, None)) => LoraEmbedding::new(t, &spec, &self.inner.rng, &self.name())?,
+            Some((spec, Some(m))) => {
+                LoraEmbedding::from_adapter(t, m.a, m.b, spec.scale(), &self.name())?
+            }
+        };
+        self.register(
+            ModuleKind::Embedding,
+            layer.lora().map(|l| l.vars()).unwrap_or_default(),
+        );
+        Ok(layer)
+    }
+
+    /// A square-kernel 2-D conv `[out, in, k, k]`, adapted where targeted.
+    pub fn conv2d(
+        &self,
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        geom: Conv2dGeometry,
+        bias: bool,
+    ) -> Result<LoraConv2d> {
+        let w = self.load("weight", &[out_c, in_c, k, k])?;
+        let b = bias.then(|| self.load("bias", &[out_c])).transpose()?;
+        let layer = match self.plan(ModuleKind::Conv2d)? {
+            None => LoraConv2d::frozen(w, b, geom),
+            Some((spec, None)) => {
+                LoraConv2d::new(w, b, geom, &spec, &self.inner.rng, &self.name())?
+            }
+            Some((spec, Some(m))) => LoraConv2d::from_adapter(
+                w,
+                b,
+                geom,
+                m.a,
+                m.b,
+                spec.scale(),
+                spec.dropout,
+                &self.name(),
+                &self.inner.rng,
+            )?,
+        };
+        self.register(
+            ModuleKind::Conv2d,
+            layer.lora().map(|l| l.vars()).unwrap_or_default(),
+        );
+        Ok(layer)
+    }
+
+    /// Every trainable variable, in build order: the adapters' A and B (or every weight under
+    /// full fine-tuning). Give exactly these to the optimizer.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.state()
+            .trainable
+            .iter()
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Trainable variables with their names (`<module>.lora_A`, `<module>.weight`, ...).
+    pub fn named_trainable_vars(&self) -> Vec<(String, Var)> {
+        self.state().trainable.clone()
+    }
+
+    /// Names of every module built so far, sorted.
+    pub fn module_names(&self) -> Vec<String> {
+        self.state().modules.iter().cloned().collect()
+    }
+
+    /// Names of the modules that got an adapter.
+    pub fn adapted_modules(&self) -> Vec<String> {
+        self.state().adapters.keys().cloned().collect()
+    }
+
+    /// The adapters' current values in PEFT's form, with the builder's config.
+    pub fn adapter(&self) -> Result<Adapter> {
+        let config = self
+            .inner
+            .config
+            .clone()
+            .ok_or_else(|| Error::State("the builder has no LoRA config".into()))?;
+        let modules = self
+            .state()
+            .adapters
+            .iter()
+            .map(|(n, r)| {
+                let m = ModuleAdapter {
+                    kind: r.kind,
+                    a: r.a.as_tensor().copy()?,
+                    b: r.b.as_tensor().copy()?,
+                };
+                Ok((n.clone(), m))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Adapter { config, modules })
+    }
+
+    /// Checks, once the model is built, that the config matched something and that every module
+    /// of a loaded adapter exists in the model.
+    pub fn finish(&self) -> Result<()> {
+        let st = self.state();
+        if let Some(a) = &self.inner.init_from {
+            if let Some(name) = a.modules.keys().find(|n| !st.modules.contains(*n)) {
+                return Err(Error::UnusedTensor {
+                    key: crate::keys::format(name, crate::keys::Factor::A),
+                    file: "the adapter".into(),
+                    hint: format!(
+                        "the model has no module `{name}`: is this an adapter for another model?"
+                    ),
+                });
+            }
+        }
+        if self.inner.config.is_some() && st.adapters.is_empty() && !self.inner.full {
+            let cfg = self.inner.config.as_ref().map(|c| c.target_modules.clone());
+            return Err(Error::Config(format!(
+                "target_modules {} matched no module of the model; its modules include: {}",
+                describe_targets(cfg.flatten()),
+                close_names(&st.modules)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn describe_targets(t: Option<TargetModules>) -> String {
+    match t {
+        Some(TargetModules::List(l)) => format!("{l:?}"),
+        Some(TargetModules::Regex(r)) => format!("regex `{r}`"),
+        Some(TargetModules::AllLinear) => "all-linear".into(),
+        None => "(unset)".into(),
+    }
+}
+
+/// The distinct leaf names of the model's modules (`q_proj`, `self_attn.q_proj`, ...), so a
+/// user can see what to target.
+fn close_names(modules: &BTreeSet<String>) -> String {
+    let leaves: BTreeSet<&str> = modules
+        .iter()
+        .map(|m| m.rsplit('.').next().unwrap_or(m))
+        .collect();
+    leaves.into_iter().collect::<Vec<_>>().join(", ")
+}

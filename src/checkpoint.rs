@@ -1,0 +1,171 @@
+//! A model checkpoint on disk: one `.safetensors` file, a directory holding
+//! `model.safetensors`, or a sharded directory with `model.safetensors.index.json`.
+//! Every shard is memory-mapped; tensors are read one at a time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::st::SafeFile;
+
+/// The single-file weights name transformers writes.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// The shard index name transformers writes.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A memory-mapped checkpoint (one or more safetensors shards).
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The directory (or the file's parent).
+    pub dir: PathBuf,
+    /// The index file, when sharded.
+    pub index: Option<PathBuf>,
+    shards: Vec<SafeFile>,
+    by_name: BTreeMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens a `.safetensors` file or a model directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            if path
+                .extension()
+                .is_some_and(|e| e == "bin" || e == "pt" || e == "pth")
+            {
+                return Err(Error::Unsupported {
+                    path: path.into(),
+                    reason: "pickled PyTorch weights are refused; convert them to safetensors"
+                        .into(),
+                });
+            }
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            return Self::from_files(dir, None, vec![path.to_path_buf()]);
+        }
+        if !path.is_dir() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+        let index = path.join(INDEX_FILE);
+        if index.is_file() {
+            let shards = read_index(&index)?;
+            let files = shards.iter().map(|s| path.join(s)).collect();
+            return Self::from_files(path.into(), Some(index), files);
+        }
+        let single = path.join(MODEL_FILE);
+        if single.is_file() {
+            return Self::from_files(path.into(), None, vec![single]);
+        }
+        if path.join("pytorch_model.bin").exists() {
+            return Err(Error::Unsupported {
+                path: path.join("pytorch_model.bin"),
+                reason: "pickled PyTorch weights are refused; convert them to safetensors".into(),
+            });
+        }
+        Err(Error::MissingTensor {
+            key: format!("{MODEL_FILE} or {INDEX_FILE}"),
+            file: Some(path.into()),
+        })
+    }
+
+    fn from_files(dir: PathBuf, index: Option<PathBuf>, files: Vec<PathBuf>) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut by_name = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            let sf = SafeFile::open(f)?;
+            for n in sf.names() {
+                if by_name.insert(n.clone(), i).is_some() {
+                    return Err(Error::BadSafetensors {
+                        path: f.clone(),
+                        reason: format!("tensor `{n}` is in two shards"),
+                    });
+                }
+            }
+            shards.push(sf);
+        }
+        Ok(Checkpoint {
+            dir,
+            index,
+            shards,
+            by_name,
+        })
+    }
+
+    /// The shards, in index order.
+    pub fn shards(&self) -> &[SafeFile] {
+        &self.shards
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.by_name.keys().cloned().collect()
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// The shard holding `name`.
+    pub fn shard_of(&self, name: &str) -> Result<&SafeFile> {
+        let i = self.by_name.get(name).ok_or_else(|| Error::MissingTensor {
+            key: name.into(),
+            file: Some(self.dir.clone()),
+        })?;
+        Ok(&self.shards[*i])
+    }
+
+    /// `(dtype, shape)` of `name`.
+    pub fn info(&self, name: &str) -> Result<(DType, Vec<usize>)> {
+        self.shard_of(name)?.info(name)
+    }
+
+    /// Every tensor's shape.
+    pub fn shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        self.names()
+            .into_iter()
+            .map(|n| Ok((n.clone(), self.info(&n)?.1)))
+            .collect()
+    }
+
+    /// Loads `name` in its stored dtype.
+    pub fn tensor(&self, name: &str, dev: &Device) -> Result<Tensor> {
+        self.shard_of(name)?.tensor(name, dev)
+    }
+}
+
+/// The shard file names an index lists (deduplicated, in first-seen order).
+fn read_index(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadJson {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::BadJson {
+            path: path.into(),
+            reason: "no `weight_map` object".into(),
+        })?;
+    let mut shards: Vec<String> = Vec::new();
+    for (k, f) in map {
+        let f = f.as_str().ok_or_else(|| Error::BadJson {
+            path: path.into(),
+            reason: format!("`{k}` maps to a non-string"),
+        })?;
+        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+            return Err(Error::BadJson {
+                path: path.into(),
+                reason: format!("shard name `{f}` must be a plain file name"),
+            });
+        }
+        if !shards.iter().any(|s| s == f) {
+            shards.push(f.to_string());
+        }
+    }
+    Ok(shards)
+}

@@ -1,0 +1,86 @@
+//! `lora inspect`: what an adapter holds.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::Args;
+use lora::{merge, Adapter};
+
+/// Arguments of `lora inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The adapter folder.
+    adapter: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `lora inspect`.
+pub fn run(a: InspectArgs) -> anyhow::Result<()> {
+    let adapter = Adapter::load(&a.adapter, &Device::Cpu)
+        .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
+    let modules = merge::summary(&adapter)?;
+    let weights = lora::adapter::weights_path(&a.adapter);
+    let bytes = std::fs::metadata(&weights)
+        .with_context(|| weights.display().to_string())?
+        .len();
+    let cfg = &adapter.config;
+    if a.json {
+        let v = serde_json::json!({
+            "path": a.adapter,
+            "config": {
+                "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+                "use_rslora": cfg.use_rslora, "target_modules": cfg.target_modules,
+                "task_type": cfg.task_type, "base_model_name_or_path": cfg.base_model_name_or_path,
+            },
+            "modules": modules,
+            "trainable_params": adapter.num_params(),
+            "bytes_on_disk": bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("adapter   {}", a.adapter.display());
+    println!(
+        "config    r={} lora_alpha={} dropout={} rslora={} task_type={} base={}",
+        cfg.r,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+        cfg.use_rslora,
+        cfg.task_type.as_deref().unwrap_or("-"),
+        cfg.base_model_name_or_path.as_deref().unwrap_or("-")
+    );
+    println!("targets   {}", serde_json::to_string(&cfg.target_modules)?);
+    let w = modules
+        .iter()
+        .map(|m| m.module.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "\n{:<w$}  {:<9} {:>14} {:>14} {:>4} {:>7} {:>8} {:>9}",
+        "module", "kind", "A", "B", "r", "alpha", "scale", "params"
+    );
+    for m in &modules {
+        println!(
+            "{:<w$}  {:<9} {:>14} {:>14} {:>4} {:>7} {:>8.4} {:>9}",
+            m.module,
+            m.kind,
+            format!("{:?}", m.a_shape),
+            format!("{:?}", m.b_shape),
+            m.rank,
+            m.alpha,
+            m.scale,
+            m.params
+        );
+    }
+    println!(
+        "\n{} modules, {} trainable parameters, {} bytes on disk",
+        modules.len(),
+        adapter.num_params(),
+        bytes
+    );
+    Ok(())
+}

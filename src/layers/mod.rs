@@ -1,0 +1,187 @@
+//! LoRA layers with PEFT's layouts and math: [`LoraLinear`], [`LoraEmbedding`], [`LoraConv2d`].
+//!
+//! Each layer keeps its pretrained weights as plain, frozen [`Tensor`]s (they never receive a
+//! gradient) and its low-rank factors `A`, `B` as trainable [`Var`]s. Merging folds
+//! `s·ΔW` into the frozen weight (computed in f32, cast back to the base dtype) and is explicit:
+//! nothing merges as a side effect of switching between training and inference.
+
+mod conv;
+mod embedding;
+mod init;
+mod linear;
+
+pub use conv::{Conv2dGeometry, LoraConv2d};
+pub use embedding::LoraEmbedding;
+pub use init::{kaiming_uniform, normal, LoraRng};
+pub use linear::LoraLinear;
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// A weight that is either frozen (a plain tensor: no gradient ever) or trainable (a [`Var`]).
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// Pretrained and frozen.
+    Frozen(Tensor),
+    /// Trained (for `r = 0` layers and full fine-tuning).
+    Trainable(Var),
+}
+
+impl Param {
+    /// The tensor, for computation.
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Param::Frozen(t) => t,
+            Param::Trainable(v) => v.as_tensor(),
+        }
+    }
+    /// The variable, when trainable.
+    pub fn var(&self) -> Option<&Var> {
+        match self {
+            Param::Frozen(_) => None,
+            Param::Trainable(v) => Some(v),
+        }
+    }
+    /// Makes a trainable copy (`Var`) of `t`.
+    pub fn trainable(t: &Tensor) -> Result<Self> {
+        Ok(Param::Trainable(Var::from_tensor(t)?))
+    }
+}
+
+/// The low-rank part of a layer: trainable `A`, `B`, the scale `s` and dropout on its input.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// The module's full name (`model.layers.0.self_attn.q_proj`), used in messages.
+    pub name: String,
+    /// `lora_A`: `[r, in]` (linear), `[r, vocab]` (embedding), `[r, in, kh, kw]` (conv).
+    pub a: Var,
+    /// `lora_B`: `[out, r]` (linear), `[dim, r]` (embedding), `[out, r, 1, 1]` (conv).
+    pub b: Var,
+    /// `s = α/r`, or `α/√r` with rsLoRA.
+    pub scale: f64,
+    /// Dropout probability on the LoRA branch input (training only).
+    pub dropout: f32,
+}
+
+impl LowRank {
+    /// The rank r (rows of A).
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+    /// A and B, the trainable variables.
+    pub fn vars(&self) -> Vec<Var> {
+        vec![self.a.clone(), self.b.clone()]
+    }
+    /// Number of trainable parameters (|A| + |B|).
+    pub fn num_params(&self) -> usize {
+        self.a.elem_count() + self.b.elem_count()
+    }
+}
+
+/// Explicit merge state of a LoRA layer.
+pub trait Mergeable {
+    /// Folds `s·ΔW` into the frozen weight. Idempotent; refuses a non-finite result.
+    fn merge(&mut self) -> Result<()>;
+    /// Takes `s·ΔW` back out of the weight. Idempotent.
+    fn unmerge(&mut self) -> Result<()>;
+    /// Whether the adapter is currently folded into the weight.
+    fn is_merged(&self) -> bool;
+}
+
+/// `W ± delta`, computed in f32 and cast back to `w`'s dtype; errors on a non-finite result.
+pub(crate) fn apply_delta(w: &Tensor, delta: &Tensor, sign: f64, name: &str) -> Result<Tensor> {
+    let w32 = w.to_dtype(DType::F32)?;
+    let out = (w32 + (delta.to_dtype(DType::F32)? * sign)?)?;
+    check_finite(&out, name, if sign > 0.0 { "merge" } else { "unmerge" })?;
+    Ok(out.to_dtype(w.dtype())?)
+}
+
+/// Errors with [`Error::NonFinite`] when `t` holds a NaN or an infinity.
+pub(crate) fn check_finite(t: &Tensor, name: &str, what: &str) -> Result<()> {
+    let t32 = t.to_dtype(DType::F32)?.flatten_all()?;
+    // Inf - Inf and NaN both give NaN; NaN != NaN.
+    let diff = (&t32 - &t32)?;
+    let bad = diff
+        .ne(&diff)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if bad > 0.0 {
+        return Err(Error::NonFinite {
+            key: name.to_string(),
+            what: format!("{what}: {bad} non-finite values"),
+        });
+    }
+    Ok(())
+}
+
+/// Inverted dropout: zeroes each element with probability `p` and scales the rest by 1/(1-p).
+/// The mask comes from `rng`, so runs are reproducible from a seed.
+pub(crate) fn dropout(x: &Tensor, p: f32, rng: &LoraRng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mask = rng.keep_mask(x.elem_count(), p);
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
+}
+
+/// What a LoRA layer is built with: rank, alpha, rsLoRA, dropout and init.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// Rank r; 0 builds a plain layer whose own weight and bias are trainable (the seed's r = 0).
+    pub r: usize,
+    /// α.
+    pub alpha: f64,
+    /// Scale by α/√r instead of α/r.
+    pub use_rslora: bool,
+    /// Dropout probability on the LoRA branch input.
+    pub dropout: f32,
+    /// How A and B start.
+    pub init: crate::config::InitLoraWeights,
+}
+
+impl LoraSpec {
+    /// A spec with PEFT's defaults for everything but r and α.
+    pub fn new(r: usize, alpha: f64) -> Self {
+        LoraSpec {
+            r,
+            alpha,
+            use_rslora: false,
+            dropout: 0.0,
+            init: crate::config::InitLoraWeights::Default,
+        }
+    }
+    /// The scale s: α/r, or α/√r with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// Refuses init methods that are kept in configs but not implemented.
+pub(crate) fn check_init(init: &crate::config::InitLoraWeights, name: &str) -> Result<()> {
+    if let crate::config::InitLoraWeights::Other(m) = init {
+        return Err(Error::UnsupportedFeature {
+            feature: "init_lora_weights".into(),
+            detail: format!("`{m}` for module `{name}` (supported: true, false, \"gaussian\")"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that tensor `key` has shape `want`.
+pub(crate) fn expect_shape(t: &Tensor, key: &str, want: &[usize], what: &str) -> Result<()> {
+    if t.dims() != want {
+        return Err(Error::ShapeMismatch {
+            key: key.to_string(),
+            got: t.dims().to_vec(),
+            what: format!("{what} (expected {want:?})"),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! The `lora` command-line tool: thin wrappers over the library (see `lora --help`).
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the chain of causes joined by ": ".
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

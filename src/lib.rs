@@ -14,6 +14,7 @@ pub mod keys;
 pub mod layers;
 pub mod merge;
 pub mod models;
+mod ops;
 pub mod quickstart;
 pub mod st;
 pub mod target;

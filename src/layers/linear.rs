@@ -36,6 +36,7 @@ use super::{
 };
 use crate::config::InitLoraWeights;
 use crate::error::{Error, Result};
+use crate::ops;
 
 /// A linear layer `y = x·Wᵀ + b` with an optional LoRA adapter (see the module doc).
 #[derive(Debug, Clone)]
@@ -218,18 +219,90 @@ impl LoraLinear {
     }
 
     /// The forward pass; `train` enables dropout. Training a merged layer is an error.
+    ///
+    /// On the CPU in f32 this runs the fused op of [`crate::ops`] (no gradient for the frozen
+    /// weight, the low-rank path as two skinny GEMMs); elsewhere the plain tensor path.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train && self.merged {
+            return Err(Error::State(format!(
+                "module `{}` is merged: unmerge it before training",
+                self.lora.as_ref().map_or("", |l| &l.name)
+            )));
+        }
+        match self.fused_forward(x, train)? {
+            Some(y) => Ok(y),
+            None => self.plain_forward(x, train),
+        }
+    }
+
+    /// The fused CPU/f32 path, or `None` when it does not apply.
+    fn fused_forward(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let Param::Frozen(w) = &self.weight else {
+            return Ok(None);
+        };
+        let f32 = candle_core::DType::F32;
+        let bias_ok = self
+            .bias()
+            .is_none_or(|b| b.dtype() == f32 && b.is_contiguous());
+        if !x.device().is_cpu()
+            || x.dtype() != f32
+            || w.dtype() != f32
+            || !w.is_contiguous()
+            || !bias_ok
+        {
+            return Ok(None);
+        }
+        let dims = x.dims();
+        let (lead, inner) = dims.split_at(dims.len().saturating_sub(1));
+        let (n, inp) = (
+            lead.iter().product::<usize>(),
+            inner.first().copied().unwrap_or(1),
+        );
+        let mut out_shape = lead.to_vec();
+        out_shape.push(w.dim(0)?);
+        let x2 = x.reshape((n, inp))?.contiguous()?;
+        let y = match self.lora.as_ref().filter(|_| !self.merged) {
+            None if x.track_op() => {
+                let op = ops::FrozenLinearOp {
+                    w0: w.clone(),
+                    bias: self.bias().cloned(),
+                };
+                x2.apply_op1(op)?
+            }
+            None => return Ok(None),
+            Some(l) => {
+                if l.a.dtype() != f32 || l.b.dtype() != f32 {
+                    return Ok(None);
+                }
+                let mask = (train && l.dropout > 0.0)
+                    .then(|| {
+                        Tensor::from_vec(
+                            self.rng.keep_mask(n * inp, l.dropout),
+                            (n, inp),
+                            x.device(),
+                        )
+                    })
+                    .transpose()?;
+                let op = ops::LoraLinearOp {
+                    w0: w.clone(),
+                    bias: self.bias().cloned(),
+                    scale: l.scale as f32,
+                    mask,
+                    saved_xa: Default::default(),
+                };
+                x2.apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?
+            }
+        };
+        Ok(Some(y.reshape(out_shape)?))
+    }
+
+    /// The reference path in plain tensor ops (any device and dtype).
+    pub(crate) fn plain_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = matmul_t(x, self.weight())?;
         if let Some(b) = self.bias() {
             y = y.broadcast_add(b)?;
         }
         let Some(l) = self.lora.as_ref().filter(|_| !self.merged) else {
-            if train && self.merged {
-                return Err(Error::State(format!(
-                    "module `{}` is merged: unmerge it before training",
-                    self.lora.as_ref().map_or("", |l| &l.name)
-                )));
-            }
             return Ok(y);
         };
         let xd = if train {
@@ -494,5 +567,90 @@ mod tests {
         let e =
             LoraLinear::from_adapter(w, None, a, b, 1.0, 0.0, "m.q", &LoraRng::new(0)).unwrap_err();
         assert!(e.to_string().contains("m.q.lora_A.weight"), "{e}");
+    }
+
+    fn grads_of(l: &LoraLinear, x: &Tensor, fused: bool, seed: u64) -> (Tensor, Vec<Tensor>) {
+        l.rng.restore(LoraRng::new(seed).state().0, 0);
+        let y = if fused {
+            l.fused_forward(x, true).unwrap().unwrap()
+        } else {
+            l.plain_forward(x, true).unwrap()
+        };
+        // A loss with non-uniform weights so every gradient entry matters.
+        let w = Tensor::arange(0f32, y.elem_count() as f32, &Device::Cpu)
+            .unwrap()
+            .reshape(y.shape())
+            .unwrap();
+        let g = (y.clone() * (w / 97.0).unwrap().sin().unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let lr = l.lora().unwrap();
+        let mut v = vec![
+            g.get(lr.a.as_tensor()).unwrap().clone(),
+            g.get(lr.b.as_tensor()).unwrap().clone(),
+        ];
+        if let Some(dx) = g.get(x) {
+            v.push(dx.clone());
+        }
+        (y, v)
+    }
+
+    #[test]
+    fn fused_op_matches_plain_path_in_values_and_gradients() {
+        for (dropout, bias, track_x) in [(0.0, true, false), (0.0, false, true), (0.3, true, true)]
+        {
+            let spec = LoraSpec {
+                dropout,
+                ..random_spec(4)
+            };
+            let (l, x) = layer(spec, bias);
+            let x = if track_x {
+                candle_core::Var::from_tensor(&x)
+                    .unwrap()
+                    .as_tensor()
+                    .clone()
+            } else {
+                x
+            };
+            let (y1, g1) = grads_of(&l, &x, true, 9);
+            let (y2, g2) = grads_of(&l, &x, false, 9);
+            assert!(max_abs(&y1, &y2) < 1e-5, "values, dropout {dropout}");
+            assert_eq!(g1.len(), g2.len());
+            assert_eq!(g1.len(), if track_x { 3 } else { 2 });
+            for (a, b) in g1.iter().zip(&g2) {
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(D::Minus1)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    max_abs(a, b) <= 1e-5 * scale.max(1.0),
+                    "gradient differs: {} (scale {scale})",
+                    max_abs(a, b)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_op_gives_only_the_input_gradient() {
+        let (l, x) = layer(LoraSpec::new(4, 8.0), true);
+        let plain = LoraLinear::frozen(l.weight().clone(), l.bias().cloned());
+        let xv = candle_core::Var::from_tensor(&x).unwrap();
+        let y = plain.forward_t(xv.as_tensor(), true).unwrap();
+        assert!(max_abs(&y, &plain.plain_forward(&x, false).unwrap()) < 1e-5);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(plain.weight()).is_none());
+        let dx = g.get(xv.as_tensor()).unwrap();
+        // d(sum y)/dx = 1·W0: every row equals the column sums of W0.
+        let want = plain.weight().sum(0).unwrap();
+        assert!(max_abs(&dx.reshape((10, 16)).unwrap().get(3).unwrap(), &want) < 1e-5);
     }
 }

@@ -84,7 +84,13 @@ pub struct BaseShape {
 
 impl Default for BaseShape {
     fn default() -> Self {
-        BaseShape { hidden: 128, layers: 4, heads: 4, kv_heads: 2, intermediate: 384 }
+        BaseShape {
+            hidden: 128,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 384,
+        }
     }
 }
 
@@ -124,7 +130,12 @@ pub fn write_random_model(dir: &Path, shape: BaseShape, seed: u64) -> Result<()>
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
     let rng = LoraRng::new(seed);
     let dev = Device::Cpu;
-    let (h, kv, v, m) = (shape.hidden, shape.kv_heads * (shape.hidden / shape.heads), vocab_size(), shape.intermediate);
+    let (h, kv, v, m) = (
+        shape.hidden,
+        shape.kv_heads * (shape.hidden / shape.heads),
+        vocab_size(),
+        shape.intermediate,
+    );
     let mut t: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut w = |name: String, dims: &[usize]| -> Result<()> {
         t.insert(name, normal(dims, 0.02, &rng, &dev)?);
@@ -144,10 +155,16 @@ pub fn write_random_model(dir: &Path, shape: BaseShape, seed: u64) -> Result<()>
     }
     for i in 0..shape.layers {
         for n in ["input_layernorm", "post_attention_layernorm"] {
-            t.insert(format!("model.layers.{i}.{n}.weight"), Tensor::ones(h, DType::F32, &dev)?);
+            t.insert(
+                format!("model.layers.{i}.{n}.weight"),
+                Tensor::ones(h, DType::F32, &dev)?,
+            );
         }
     }
-    t.insert("model.norm.weight".into(), Tensor::ones(h, DType::F32, &dev)?);
+    t.insert(
+        "model.norm.weight".into(),
+        Tensor::ones(h, DType::F32, &dev)?,
+    );
     st::save(&dir.join("model.safetensors"), &t, &st::pt_metadata())?;
     let cfg = serde_json::to_string_pretty(&config_json(shape)).unwrap_or_default();
     st::write_text_atomic(&dir.join("config.json"), &cfg)?;

@@ -57,13 +57,21 @@ impl Game {
             Game::Shout => ("Shout the word", word.to_uppercase()),
             Game::ShoutBackwards => ("Shout it backwards", rev.to_uppercase()),
         };
-        Example { prompt: format!("{instr}: {word} ->"), completion: format!(" {answer}\n") }
+        Example {
+            prompt: format!("{instr}: {word} ->"),
+            completion: format!(" {answer}\n"),
+        }
     }
 }
 
 /// The word list split into (training, held-out) words, shuffled by `seed`.
 pub fn split_words(seed: u64, held_out: usize) -> (Vec<String>, Vec<String>) {
-    let mut words: Vec<String> = WORDS.lines().map(str::trim).filter(|w| !w.is_empty()).map(String::from).collect();
+    let mut words: Vec<String> = WORDS
+        .lines()
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(String::from)
+        .collect();
     words.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     let held = words.split_off(words.len().saturating_sub(held_out));
     (words, held)
@@ -81,7 +89,10 @@ pub fn task_a(words: &[String], seed: u64) -> Vec<Example> {
 
 /// Task B examples over `words`.
 pub fn task_b(words: &[String]) -> Vec<Example> {
-    words.iter().map(|w| Game::ShoutBackwards.example(w)).collect()
+    words
+        .iter()
+        .map(|w| Game::ShoutBackwards.example(w))
+        .collect()
 }
 
 /// Writes examples as `{"prompt": ..., "completion": ...}` JSONL text.
@@ -98,10 +109,16 @@ mod tests {
 
     #[test]
     fn games_read_like_text() {
-        assert_eq!(Game::Reverse.example("walrus").prompt, "Reverse the word: walrus ->");
+        assert_eq!(
+            Game::Reverse.example("walrus").prompt,
+            "Reverse the word: walrus ->"
+        );
         assert_eq!(Game::Reverse.example("walrus").completion, " surlaw\n");
         assert_eq!(Game::Shout.example("zoo").completion, " ZOO\n");
-        assert_eq!(Game::ShoutBackwards.example("walrus").completion, " SURLAW\n");
+        assert_eq!(
+            Game::ShoutBackwards.example("walrus").completion,
+            " SURLAW\n"
+        );
     }
 
     #[test]

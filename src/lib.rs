@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod bench;
 pub mod builder;
 pub mod checkpoint;
 pub mod config;

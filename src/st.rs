@@ -83,6 +83,13 @@ impl SafeFile {
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (header_len, meta) =
             SafeTensors::read_metadata(&mmap).map_err(|e| bad(path, e.to_string()))?;
+        // The crate reads the header into a map, where a repeated key silently wins; refuse it.
+        if let Some(dup) = duplicate_key(&mmap[8..8 + header_len]) {
+            return Err(bad(
+                path,
+                format!("tensor `{dup}` is declared twice in the header"),
+            ));
+        }
         for (name, info) in meta.tensors() {
             if to_candle_dtype(info.dtype).is_none() {
                 return Err(bad(
@@ -155,6 +162,35 @@ impl SafeFile {
         let (dt, shape) = self.info(name)?;
         Ok(Tensor::from_raw_buffer(self.bytes(name)?, dt, &shape, dev)?)
     }
+}
+
+/// The first top-level key that appears twice in a JSON object, if any.
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(k.clone()) {
+                    return Ok(Some(k));
+                }
+            }
+            Ok(None)
+        }
+    }
+    serde_json::Deserializer::from_slice(header)
+        .deserialize_map(Keys)
+        .ok()
+        .flatten()
 }
 
 /// One tensor to be written: name, dtype, shape.
@@ -418,6 +454,25 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("tiny.safetensors"));
+
+        let dup = dir.path().join("dup.safetensors");
+        let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(good[8..8 + n].to_vec()).unwrap();
+        let entry = &header[header.find("\"w\"").unwrap()..header.rfind('}').unwrap()];
+        let doubled = format!("{},{entry}}}", &header[..header.rfind('}').unwrap()]);
+        let mut padded = doubled.into_bytes();
+        while padded.len() % 8 != 0 {
+            padded.push(b' ');
+        }
+        let mut bytes = (padded.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&padded);
+        bytes.extend_from_slice(&good[8 + n..]);
+        std::fs::write(&dup, bytes).unwrap();
+        let e = SafeFile::open(&dup).unwrap_err().to_string();
+        assert!(
+            e.contains("dup.safetensors") && e.contains("`w` is declared twice"),
+            "{e}"
+        );
 
         let missing = dir.path().join("missing.safetensors");
         assert!(SafeFile::open(&missing)

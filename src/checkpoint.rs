@@ -51,9 +51,25 @@ impl Checkpoint {
         }
         let index = path.join(INDEX_FILE);
         if index.is_file() {
-            let shards = read_index(&index)?;
-            let files = shards.iter().map(|s| path.join(s)).collect();
-            return Self::from_files(path.into(), Some(index), files);
+            let pairs = read_index(&index)?;
+            let mut files: Vec<PathBuf> = Vec::new();
+            for (_, shard) in &pairs {
+                if !files.iter().any(|f| f.ends_with(shard)) {
+                    files.push(path.join(shard));
+                }
+            }
+            let ckpt = Self::from_files(path.into(), Some(index.clone()), files)?;
+            // Every tensor the index lists must be in the shard it names.
+            for (tensor, shard) in &pairs {
+                let found = ckpt.by_name.get(tensor).map(|&i| ckpt.shards[i].path());
+                if !found.is_some_and(|p| p.ends_with(shard)) {
+                    return Err(Error::BadJson {
+                        path: index,
+                        reason: format!("`{tensor}` is not in shard `{shard}`"),
+                    });
+                }
+            }
+            return Ok(ckpt);
         }
         let single = path.join(MODEL_FILE);
         if single.is_file() {
@@ -138,9 +154,15 @@ impl Checkpoint {
 }
 
 /// The shard file names an index lists (deduplicated, in first-seen order).
-fn read_index(path: &Path) -> Result<Vec<String>> {
+fn read_index(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadJson {
+    parse_index(&text, path)
+}
+
+/// The `(tensor, shard file)` pairs of a `model.safetensors.index.json`'s `weight_map`;
+/// `path` is used in messages. Shard names must be plain file names.
+pub fn parse_index(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::BadJson {
         path: path.into(),
         reason: e.to_string(),
     })?;
@@ -151,21 +173,25 @@ fn read_index(path: &Path) -> Result<Vec<String>> {
             path: path.into(),
             reason: "no `weight_map` object".into(),
         })?;
-    let mut shards: Vec<String> = Vec::new();
+    let mut pairs = Vec::new();
     for (k, f) in map {
         let f = f.as_str().ok_or_else(|| Error::BadJson {
             path: path.into(),
             reason: format!("`{k}` maps to a non-string"),
         })?;
-        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+        if f.is_empty() || f.contains('/') || f.contains('\\') || f.starts_with('.') {
             return Err(Error::BadJson {
                 path: path.into(),
                 reason: format!("shard name `{f}` must be a plain file name"),
             });
         }
-        if !shards.iter().any(|s| s == f) {
-            shards.push(f.to_string());
-        }
+        pairs.push((k.clone(), f.to_string()));
     }
-    Ok(shards)
+    if pairs.is_empty() {
+        return Err(Error::BadJson {
+            path: path.into(),
+            reason: "`weight_map` is empty".into(),
+        });
+    }
+    Ok(pairs)
 }

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 /// A memory-mapped, validated safetensors file.
 pub struct SafeFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Backing,
     header_len: usize,
     meta: Metadata,
 }
@@ -73,6 +73,22 @@ pub fn to_st_dtype(d: DType) -> Result<Dtype> {
     })
 }
 
+/// The bytes of a safetensors file: memory-mapped, or owned (for data already in memory).
+enum Backing {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
 impl SafeFile {
     /// Maps and validates `path`. Never opens it for writing.
     pub fn open(path: &Path) -> Result<Self> {
@@ -81,6 +97,15 @@ impl SafeFile {
         // another process while mapped would fault; that is the usual mmap contract, the
         // one safetensors and candle also accept.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::validate(path, Backing::Mapped(mmap))
+    }
+
+    /// Validates safetensors bytes already in memory; `name` is used in messages.
+    pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::validate(name, Backing::Owned(bytes))
+    }
+
+    fn validate(path: &Path, mmap: Backing) -> Result<Self> {
         let (header_len, meta) =
             SafeTensors::read_metadata(&mmap).map_err(|e| bad(path, e.to_string()))?;
         // The crate reads the header into a map, where a repeated key silently wins; refuse it.

@@ -1,0 +1,9 @@
+//! `model.safetensors.index.json` parsing on arbitrary text.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = lora::checkpoint::parse_index(text, "index.json".as_ref());
+    }
+});

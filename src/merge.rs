@@ -220,6 +220,7 @@ fn write_dir(ckpt: &Checkpoint, out: &Path, d: &Deltas, force: bool) -> Result<M
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "merged".into());
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    st::remove_stale_temps(parent, &leaf);
     let tmp = parent.join(format!(".{leaf}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;

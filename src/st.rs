@@ -254,6 +254,7 @@ impl AtomicFile {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
+        remove_stale_temps(dir, &name);
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let f = File::create(&tmp).map_err(|e| Error::io(target, e))?;
         Ok(AtomicFile {
@@ -297,6 +298,40 @@ impl Drop for AtomicFile {
     fn drop(&mut self) {
         if self.out.is_some() {
             let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Removes `.{name}.<pid>.tmp` files or folders in `dir` left by a writer that was killed
+/// (its process no longer exists), so a crash leaves no litter once the next run starts.
+pub fn remove_stale_temps(dir: &Path, name: &str) {
+    // Liveness is read from /proc; where there is none, leave everything alone.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
         }
     }
 }

@@ -2,5 +2,8 @@
 
 mod bad_input;
 mod common;
+mod crash;
+mod llama;
 mod merge;
 mod tinynet;
+mod train;

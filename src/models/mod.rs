@@ -5,6 +5,14 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
+pub mod config;
+pub mod generate;
+pub mod llama;
+
+pub use config::{Arch, LlamaConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
+pub use generate::{generate, Sampler, Sampling};
+pub use llama::{Cache, Llama, LoraInit, RmsNorm};
+
 /// A causal language model: token ids in, next-token logits out.
 pub trait CausalLm {
     /// `ids: [batch, seq]` (u32) → logits `[batch, seq, vocab]` (f32). `train` enables dropout.

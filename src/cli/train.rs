@@ -1,0 +1,303 @@
+//! `lora train`: fine-tune a Llama-family model with LoRA (or fully) on a JSONL file.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lora::merge::{merge_checkpoint, Direction, MergeOptions};
+use lora::models::{Llama, LlamaConfig};
+use lora::train::checkpoint::{find_checkpoint, TrainMode, TrainerState};
+use lora::train::data::{Dataset, LazyTokenizer};
+use lora::train::metrics::Record;
+use lora::train::{Event, Length, SaveMode, Schedule, TrainConfig, Trainer};
+use lora::{Adapter, Checkpoint, LoraBuilder, LoraConfig, TargetModules};
+
+/// Arguments of `lora train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The base model folder (transformers layout: config.json, safetensors weights and, for
+    /// text data, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training data, JSONL: `{"text"}`, `{"prompt", "completion"}` or `{"input_ids"}` lines.
+    #[arg(long)]
+    data: PathBuf,
+    /// Held-out data (same format), evaluated every --eval-every steps and at the end.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// The output folder: final adapter (or model), metrics.jsonl, loss.png, checkpoints.
+    #[arg(long)]
+    out: PathBuf,
+    /// Start from this adapter (its config fixes rank, alpha and targets).
+    #[arg(long, conflicts_with_all = ["full", "target_modules", "target_regex", "r", "alpha", "rslora"])]
+    adapter_init: Option<PathBuf>,
+    /// Modules to adapt, comma-separated (`q_proj,v_proj`), or `all-linear`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
+    target_modules: Option<Vec<String>>,
+    /// Modules to adapt: a regex matching the whole module name.
+    #[arg(long)]
+    target_regex: Option<String>,
+    /// LoRA rank [default: 8].
+    #[arg(long)]
+    r: Option<usize>,
+    /// LoRA alpha [default: 16].
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Dropout on the LoRA branch input [default: 0.05, or the --adapter-init adapter's].
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// rsLoRA scaling alpha/sqrt(r).
+    #[arg(long)]
+    rslora: bool,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    /// Learning-rate schedule: constant, linear or cosine.
+    #[arg(long, default_value = "linear")]
+    schedule: Schedule,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Passes over the data [default: 1].
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<usize>,
+    /// Optimizer steps (instead of epochs).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Evaluate every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Checkpoint every this many steps, and at the end (0: never).
+    #[arg(long, default_value_t = 500)]
+    save_every: usize,
+    /// Seed of the LoRA init, dropout and data order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from a checkpoint folder (or the output folder of a run: its latest checkpoint).
+    #[arg(long, conflicts_with = "adapter_init")]
+    resume: Option<PathBuf>,
+    /// Also write the base model with the final adapter merged in, to this folder.
+    #[arg(long, conflicts_with = "full")]
+    merge_out: Option<PathBuf>,
+    /// Full fine-tuning: train every weight and save model.safetensors instead of an adapter.
+    #[arg(long, conflicts_with_all = ["target_modules", "target_regex", "r", "alpha", "rslora", "dropout"])]
+    full: bool,
+    /// Keep the file order (no shuffling).
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Truncate examples to this many tokens.
+    #[arg(long)]
+    max_len: Option<usize>,
+}
+
+/// Runs `lora train`.
+pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let cfg = LlamaConfig::from_dir(&a.model)?;
+    let tok_path = a.model.join("tokenizer.json");
+    let mut tok = LazyTokenizer::new(tok_path.is_file().then_some(tok_path), cfg.vocab_size);
+    let train = Dataset::load_jsonl(&a.data, &mut tok, a.max_len)?;
+    let eval = a
+        .eval_data
+        .as_deref()
+        .map(|p| Dataset::load_jsonl(p, &mut tok, a.max_len))
+        .transpose()?;
+    for d in std::iter::once(&train).chain(eval.as_ref()) {
+        if d.skipped > 0 {
+            eprintln!(
+                "note: {}: skipped {} examples with no token to predict",
+                d.path.display(),
+                d.skipped
+            );
+        }
+    }
+    let tc = TrainConfig {
+        lr: a.lr,
+        schedule: a.schedule,
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        length: match (a.epochs, a.steps) {
+            (_, Some(s)) => Length::Steps(s),
+            (e, None) => Length::Epochs(e.unwrap_or(1)),
+        },
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        seed: a.seed,
+        shuffle: !a.no_shuffle,
+        ..TrainConfig::default()
+    };
+    tc.validate()?;
+
+    let checkpoint = a.resume.as_deref().map(find_checkpoint).transpose()?;
+    if let Some(ck) = &checkpoint {
+        let st = TrainerState::load(ck)?;
+        let want = if a.full {
+            TrainMode::Full
+        } else {
+            TrainMode::Lora
+        };
+        if st.mode != want {
+            bail!(
+                "{}: the checkpoint is from {:?} training; pass {} to resume it",
+                ck.display(),
+                st.mode,
+                if st.mode == TrainMode::Full {
+                    "--full"
+                } else {
+                    "no --full"
+                }
+            );
+        }
+    }
+
+    let base = if a.full {
+        // A resumed full run reads every weight from the checkpoint.
+        Checkpoint::open(checkpoint.as_deref().unwrap_or(&a.model))?
+    } else {
+        Checkpoint::open(&a.model)?
+    };
+    let vb = LoraBuilder::new(base, DType::F32, dev.clone()).with_seed(a.seed)?;
+    let base_name = a.model.display().to_string();
+    let vb = if a.full {
+        vb.full_finetune()?
+    } else if let Some(ck) = &checkpoint {
+        vb.with_adapter(Adapter::load(ck, &dev)?)?
+    } else if let Some(dir) = &a.adapter_init {
+        let mut ad = Adapter::load(dir, &dev)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        if let Some(d) = a.dropout {
+            ad.config.lora_dropout = d;
+        }
+        ad.config.base_model_name_or_path = Some(base_name.clone());
+        vb.with_adapter(ad)?
+    } else {
+        vb.with_config(lora_config(&a, &base_name))?
+    };
+    let model = Llama::load(&cfg, &vb)?;
+    let save = if a.full {
+        SaveMode::Full {
+            model_dir: a.model.clone(),
+        }
+    } else {
+        SaveMode::Adapter {
+            base_model: Some(base_name),
+        }
+    };
+    let trainable: usize = vb.trainable_vars().iter().map(|v| v.elem_count()).sum();
+    eprintln!(
+        "training {trainable} parameters ({}) on {} examples",
+        if a.full {
+            "every weight".to_string()
+        } else {
+            format!("{} adapted modules", vb.adapted_modules().len())
+        },
+        train.len()
+    );
+    let mut trainer = match &checkpoint {
+        Some(ck) => Trainer::resume(&model, &vb, tc, save, &a.out, ck)?,
+        None => Trainer::new(&model, &vb, tc, save, &a.out)?,
+    };
+
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let say = |bar: &ProgressBar, line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let summary = trainer.train(&train, eval.as_ref(), &mut |ev| match ev {
+        Event::Start { step, total } => {
+            bar.set_length(total as u64);
+            bar.set_position(step as u64);
+            bar.reset_eta();
+            if step > 0 {
+                say(&bar, format!("resuming at step {step} of {total}"));
+            }
+        }
+        Event::Step(s) => {
+            bar.set_position(s.step as u64);
+            bar.set_message(format!(
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s",
+                s.loss, s.lr, s.tokens_per_s
+            ));
+        }
+        Event::Eval(e) => say(
+            &bar,
+            format!(
+                "step {}: eval loss {:.4}, perplexity {:.3}",
+                e.step, e.eval_loss, e.eval_ppl
+            ),
+        ),
+        Event::Checkpoint(p) => {
+            if bar.is_hidden() {
+                eprintln!("saved {}", p.display());
+            }
+        }
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+
+    let last = summary.records.iter().rev().find_map(|r| match r {
+        Record::Step(s) => Some(s.loss),
+        _ => None,
+    });
+    println!(
+        "trained {} steps; final train loss {}; wrote {}",
+        summary.steps,
+        last.map_or("-".into(), |l| format!("{l:.4}")),
+        a.out.display()
+    );
+    if let Some(dir) = &a.merge_out {
+        let adapter = Adapter::load(&a.out, &dev)?;
+        let opts = MergeOptions {
+            direction: Direction::Merge,
+            verify: false,
+            force: false,
+        };
+        merge_checkpoint(&a.model, &adapter, dir, opts)
+            .with_context(|| format!("merging into {}", dir.display()))?;
+        println!("merged model written to {}", dir.display());
+    }
+    Ok(())
+}
+
+fn lora_config(a: &TrainArgs, base: &str) -> LoraConfig {
+    let targets = match (&a.target_modules, &a.target_regex) {
+        (_, Some(re)) => TargetModules::Regex(re.clone()),
+        (Some(l), None) if l.len() == 1 && l[0] == "all-linear" => TargetModules::AllLinear,
+        (Some(l), None) => TargetModules::List(l.clone()),
+        (None, None) => TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+    };
+    LoraConfig {
+        r: a.r.unwrap_or(8),
+        lora_alpha: a.alpha.unwrap_or(16.0),
+        lora_dropout: a.dropout.unwrap_or(0.05),
+        use_rslora: a.rslora,
+        target_modules: Some(targets),
+        task_type: Some("CAUSAL_LM".into()),
+        base_model_name_or_path: Some(base.to_string()),
+        ..LoraConfig::default()
+    }
+}

@@ -6,10 +6,12 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod alloc;
 pub mod bench;
 pub mod builder;
 pub mod checkpoint;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod keys;
 pub mod layers;
@@ -19,6 +21,7 @@ mod ops;
 pub mod quickstart;
 pub mod st;
 pub mod target;
+pub mod train;
 
 pub use adapter::{Adapter, ModuleAdapter};
 pub use builder::{LoraBuilder, MapSource, TensorSource};

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[global_allocator]
+static ALLOC: lora::alloc::CountingAlloc = lora::alloc::CountingAlloc::new();
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     match cli::run(args) {

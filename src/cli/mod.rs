@@ -2,8 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod demo;
+mod generate;
 mod inspect;
+mod logits;
 mod merge;
+mod train;
 
 /// LoRA fine-tuning, merging and inspection, compatible with Hugging Face PEFT.
 #[derive(Debug, Parser)]
@@ -21,6 +25,15 @@ enum Command {
     Unmerge(merge::MergeArgs),
     /// Show an adapter's config, modules, ranks, scales and sizes.
     Inspect(inspect::InspectArgs),
+    /// The five checks of a LoRA linear layer at x [32, 128, 768] -> 512, r 8: parameters,
+    /// training memory, output change, merged = unmerged, inference speed (measured).
+    Demo(demo::DemoArgs),
+    /// Fine-tune a model with LoRA (or fully) on a JSONL file.
+    Train(Box<train::TrainArgs>),
+    /// Run a Llama-family model (optionally with an adapter) on token ids; write the logits.
+    Logits(logits::LogitsArgs),
+    /// Complete a prompt with a Llama-family model, streaming the tokens.
+    Generate(generate::GenerateArgs),
 }
 
 /// Runs the parsed command.
@@ -29,5 +42,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a, lora::merge::Direction::Merge),
         Command::Unmerge(a) => merge::run(a, lora::merge::Direction::Unmerge),
         Command::Inspect(a) => inspect::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Logits(a) => logits::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Train(a) => train::run(*a),
     }
 }

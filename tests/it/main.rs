@@ -3,6 +3,7 @@
 mod bad_input;
 mod common;
 mod crash;
+mod demo;
 mod llama;
 mod merge;
 mod tinynet;

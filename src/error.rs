@@ -9,13 +9,14 @@ use std::path::PathBuf;
 pub enum Error {
     // === Files ===
     /// A file could not be read, written or renamed.
-    #[error("{path}: {source}")]
+    // The cause is part of the message and deliberately not a `#[source]`, so that printing the
+    // error chain (`{:#}`) does not repeat it.
+    #[error("{path}: {err}")]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The underlying I/O error.
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A safetensors file is malformed: truncated, bad header, offsets that lie, bad dtype.
     #[error("{path}: not a valid safetensors file: {reason}")]
@@ -141,7 +142,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 }

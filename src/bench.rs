@@ -81,3 +81,197 @@ pub fn layer_bench(runs: usize) -> Result<LayerBench> {
         layer_merged_forward_ms,
     })
 }
+
+/// The Llama LoRA training step of the PEFT baseline: the config, the timing and the memory
+/// ledger.
+///
+/// Model: a random Llama (vocab 4096, hidden 512, intermediate 1408, 4 layers, 8 heads, 8 kv
+/// heads, untied head), LoRA r 8, α 16 on `q_proj`, `v_proj`, dropout 0; batch 8 × seq 128,
+/// labels = ids. One step = forward, causal-LM loss, backward, AdamW (lr 1e-4, PyTorch's
+/// defaults otherwise).
+#[derive(Debug, Clone, Serialize)]
+pub struct LlamaBench {
+    /// Median training-step time, ms.
+    pub llama_lora_train_step_ms: f64,
+    /// Tokens per second at that median (`batch · seq / step`).
+    pub llama_lora_train_tokens_per_s: f64,
+    /// The model and LoRA config, as the baseline's `llama_config`.
+    pub llama_config: serde_json::Value,
+    /// Where the step's bytes go.
+    pub memory: MemoryLedger,
+}
+
+/// Bytes of one Llama LoRA training step by kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryLedger {
+    /// Frozen weights (every base tensor), bytes.
+    pub frozen_weight_bytes: usize,
+    /// Trainable adapter factors (A and B), bytes.
+    pub adapter_bytes: usize,
+    /// Gradients of the adapter factors, bytes.
+    pub gradient_bytes: usize,
+    /// AdamW state (`m` and `v`), bytes.
+    pub optimizer_state_bytes: usize,
+    /// Heap peak of one training step above the heap in use before it, measured with the
+    /// counting allocator: activations saved for backward, temporaries and gradients.
+    /// `None` when the counting allocator is not the global allocator.
+    pub peak_step_heap_bytes: Option<usize>,
+}
+
+/// The baseline's Llama config as `config.json` text.
+const BENCH_LLAMA: &str = r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 4096,
+    "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
+    "num_attention_heads": 8, "num_key_value_heads": 8, "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": false}"#;
+
+/// Random weights for `cfg` as transformers initialises them (normal, σ 0.02; norms 1).
+fn random_llama_weights(
+    cfg: &crate::models::config::LlamaConfig,
+    dev: &Device,
+) -> Result<std::collections::BTreeMap<String, Tensor>> {
+    let rng = LoraRng::new(0);
+    let (hs, is, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim(),
+        cfg.num_kv_heads() * cfg.head_dim(),
+    );
+    let mut w = std::collections::BTreeMap::new();
+    let mut put = |name: String, shape: &[usize]| -> Result<()> {
+        w.insert(name, normal(shape, 0.02, &rng, dev)?);
+        Ok(())
+    };
+    put("model.embed_tokens.weight".into(), &[v, hs])?;
+    put("lm_head.weight".into(), &[v, hs])?;
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (n, sh) in [
+            ("self_attn.q_proj", [q, hs]),
+            ("self_attn.k_proj", [kv, hs]),
+            ("self_attn.v_proj", [kv, hs]),
+            ("self_attn.o_proj", [hs, q]),
+            ("mlp.gate_proj", [is, hs]),
+            ("mlp.up_proj", [is, hs]),
+            ("mlp.down_proj", [hs, is]),
+        ] {
+            put(format!("{p}.{n}.weight"), &sh)?;
+        }
+    }
+    let ones = Tensor::ones(hs, candle_core::DType::F32, dev)?;
+    for i in 0..cfg.num_hidden_layers {
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            w.insert(format!("model.layers.{i}.{n}.weight"), ones.clone());
+        }
+    }
+    w.insert("model.norm.weight".into(), ones);
+    Ok(w)
+}
+
+/// Runs the Llama LoRA training step `runs` times (after 2 warm-up steps) and reports the
+/// median; `alloc` (the global counting allocator, when installed) measures the step's heap
+/// peak.
+pub fn llama_bench(runs: usize, alloc: Option<&crate::alloc::CountingAlloc>) -> Result<LlamaBench> {
+    use crate::builder::{LoraBuilder, MapSource};
+    use crate::models::{CausalLm, Llama};
+    use crate::train::loss::causal_lm_loss;
+    use crate::train::optim::{AdamW, AdamWConfig};
+    use rand::{Rng, SeedableRng};
+
+    let dev = Device::Cpu;
+    let cfg: crate::models::config::LlamaConfig =
+        serde_json::from_str(BENCH_LLAMA).map_err(|e| crate::error::Error::State(e.to_string()))?;
+    let (batch, seq, r, alpha) = (8usize, 128usize, 8usize, 16.0);
+    let weights = random_llama_weights(&cfg, &dev)?;
+    let frozen_weight_bytes = weights.values().map(|t| t.elem_count() * 4).sum();
+    let lcfg = crate::config::LoraConfig::new(r, alpha, &["q_proj", "v_proj"]);
+    let vb = LoraBuilder::new(
+        MapSource::new(weights),
+        candle_core::DType::F32,
+        dev.clone(),
+    )
+    .with_config(lcfg)?;
+    let model = Llama::load(&cfg, &vb)?;
+    let vars = model.named_trainable_vars();
+    let adapter_bytes: usize = vars.iter().map(|(_, v)| v.elem_count() * 4).sum();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: 1e-4,
+            ..AdamWConfig::default()
+        },
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+        .collect();
+    let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
+    let mut gradient_bytes = 0;
+    let mut step = || -> Result<()> {
+        let logits = model.forward_t(&ids, true)?;
+        let loss = causal_lm_loss(&logits, &ids)?;
+        drop(logits);
+        let grads = loss.backward()?;
+        let g: Vec<Option<Tensor>> = vars
+            .iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+            .collect();
+        drop(grads);
+        gradient_bytes = g.iter().flatten().map(|t| t.elem_count() * 4).sum();
+        opt.step(&g, 1e-4)?;
+        Ok(())
+    };
+    // The first step allocates the optimizer's state for good; measure the second.
+    step()?;
+    let peak_step_heap_bytes = match alloc.filter(|a| a.is_counting()) {
+        Some(a) => {
+            let before = a.current();
+            a.reset_peak();
+            step()?;
+            Some(a.peak().saturating_sub(before))
+        }
+        None => None,
+    };
+    let ms = median_ms(runs.max(5), 1, &mut step)?;
+    Ok(LlamaBench {
+        llama_lora_train_step_ms: ms,
+        llama_lora_train_tokens_per_s: (batch * seq) as f64 / (ms / 1e3),
+        llama_config: serde_json::json!({
+            "vocab": cfg.vocab_size, "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size, "layers": cfg.num_hidden_layers,
+            "heads": cfg.num_attention_heads, "batch": batch, "seq": seq, "r": r,
+            "alpha": alpha, "targets": ["q_proj", "v_proj"],
+        }),
+        memory: MemoryLedger {
+            frozen_weight_bytes,
+            adapter_bytes,
+            gradient_bytes,
+            optimizer_state_bytes: 2 * adapter_bytes,
+            peak_step_heap_bytes,
+        },
+    })
+}
+
+/// The process's peak resident set size in MiB (`getrusage(RUSAGE_SELF).ru_maxrss`, which
+/// Linux reports in KiB), as the baseline's `peak_rss_mib`; `None` where unavailable.
+pub fn peak_rss_mib() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: `ru` is a valid, writable `rusage`; getrusage only writes into it.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+        if rc != 0 {
+            return None;
+        }
+        // SAFETY: getrusage returned 0, so it filled the struct (and it was zeroed before).
+        let ru = unsafe { ru.assume_init() };
+        let kib = ru.ru_maxrss as f64;
+        if cfg!(target_os = "macos") {
+            Some(kib / (1024.0 * 1024.0)) // bytes there
+        } else {
+            Some(kib / 1024.0)
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}

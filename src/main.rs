@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[global_allocator]
-static ALLOC: lora::alloc::CountingAlloc = lora::alloc::CountingAlloc::new();
+pub(crate) static ALLOC: lora::alloc::CountingAlloc = lora::alloc::CountingAlloc::new();
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

@@ -2,11 +2,13 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod generate;
 mod inspect;
 mod logits;
 mod merge;
+mod quickstart;
 mod train;
 
 /// LoRA fine-tuning, merging and inspection, compatible with Hugging Face PEFT.
@@ -23,11 +25,17 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Take an adapter back out of a merged checkpoint: `<module>.weight -= ΔW`.
     Unmerge(merge::MergeArgs),
+    /// The main job: train a LoRA adapter on the shipped model, merge it, compare with full
+    /// fine-tuning; no download needed.
+    Quickstart(quickstart::QuickstartArgs),
     /// Show an adapter's config, modules, ranks, scales and sizes.
     Inspect(inspect::InspectArgs),
     /// The five checks of a LoRA linear layer at x [32, 128, 768] -> 512, r 8: parameters,
     /// training memory, output change, merged = unmerged, inference speed (measured).
     Demo(demo::DemoArgs),
+    /// Benchmarks with the PyTorch + PEFT baseline's shapes and keys (layer ops, Llama LoRA
+    /// training step, memory ledger, peak RSS).
+    Bench(bench::BenchArgs),
     /// Fine-tune a model with LoRA (or fully) on a JSONL file.
     Train(Box<train::TrainArgs>),
     /// Run a Llama-family model (optionally with an adapter) on token ids; write the logits.
@@ -42,7 +50,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a, lora::merge::Direction::Merge),
         Command::Unmerge(a) => merge::run(a, lora::merge::Direction::Unmerge),
         Command::Inspect(a) => inspect::run(a),
+        Command::Quickstart(a) => quickstart::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(*a),

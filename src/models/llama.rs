@@ -14,8 +14,11 @@
 //! Attn       = softmax(q·kᵀ/√d + causal mask) · v, in f32; kv heads repeated h/kv times (GQA)
 //! ```
 //!
-//! Every op is differentiable in candle (no fused norm, softmax or rope kernels), so gradients
-//! reach the LoRA factors; the frozen weights are plain tensors and get none. Attention dropout
+//! Every op is differentiable (candle-nn's fused norm, softmax and rope kernels, which have no
+//! backward, are not used), so gradients reach the LoRA factors; the frozen weights are plain
+//! tensors and get none. On the CPU in f32, RMSNorm, RoPE, the scaled masked softmax and the
+//! SwiGLU gate run as fused ops of `crate::ops` with their own backward (tested against the composed
+//! path); elsewhere the composed candle ops. Attention dropout
 //! is not applied (it is 0 in every supported release). Mistral's `sliding_window` is applied
 //! in the mask (a token sees the previous `sliding_window` positions, itself included); Qwen2's
 //! optional window (`use_sliding_window`, off in released models) is refused by the config.
@@ -78,6 +81,11 @@ impl RmsNorm {
 
     /// Normalises the last dimension of `x: [..., H]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::ops::fusable(x) && crate::ops::fusable(&self.weight) {
+            // One fused pass each way (see `ops::rms_norm`); same math.
+            let op = crate::ops::RmsNormOp::new(self.eps);
+            return Ok(x.contiguous()?.apply_op2(&self.weight, op)?);
+        }
         let dt = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let var = x32.sqr()?.mean_keepdim(D::Minus1)?; // [..., 1]
@@ -228,11 +236,21 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?) // [b, n, t, d]
         };
-        let q = heads(self.q.forward_t(x, step.train)?, h)?;
-        let k = heads(self.k.forward_t(x, step.train)?, kvh)?;
+        let rope = |y: Tensor, n: usize| -> Result<Tensor> {
+            if crate::ops::fusable(&y) && crate::ops::fusable(step.cos) {
+                // Head transpose and RoPE in one op with its own backward (see `ops::rope`).
+                let op = crate::ops::RopeOp {
+                    heads: n,
+                    cos: step.cos.contiguous()?,
+                    sin: step.sin.contiguous()?,
+                };
+                return Ok(y.contiguous()?.apply_op1(op)?);
+            }
+            apply_rope(&heads(y, n)?, step.cos, step.sin)
+        };
+        let q = rope(self.q.forward_t(x, step.train)?, h)?; // [b, h, t, d], contiguous
+        let k = rope(self.k.forward_t(x, step.train)?, kvh)?; // [b, kv, t, d]
         let v = heads(self.v.forward_t(x, step.train)?, kvh)?.contiguous()?;
-        let q = apply_rope(&q, step.cos, step.sin)?; // [b, h, t, d], contiguous
-        let k = apply_rope(&k, step.cos, step.sin)?; // [b, kv, t, d]
         let (k, v) = match kv {
             None => (k, v),
             Some(slot) => {
@@ -248,7 +266,23 @@ impl Attention {
         let rep = h / kvh;
         // GQA without copying k/v: the `rep` query heads sharing a kv head become extra rows.
         let qg = q.reshape((b, kvh, rep * t, d))?;
-        let scores = (qg.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [b, kv, rep·t, s]
+        let scale = 1.0 / (d as f64).sqrt();
+        let raw = qg.matmul(&k.t()?)?; // [b, kv, rep·t, s]
+        if crate::ops::fusable(&raw) && step.mask.is_none_or(crate::ops::fusable) {
+            // Scale, mask and softmax in one op with its own backward (see `ops::softmax`).
+            let op = crate::ops::ScaledMaskedSoftmaxOp {
+                scale: scale as f32,
+                mask: step.mask.cloned(),
+            };
+            let p = raw.reshape((b, h, t, s))?.apply_op1(op)?;
+            let y = p.reshape((b, kvh, rep * t, s))?.matmul(&v)?;
+            let y = y
+                .reshape((b, h, t, d))?
+                .transpose(1, 2)?
+                .reshape((b, t, h * d))?;
+            return self.o.forward_t(&y, step.train);
+        }
+        let scores = (raw * scale)?;
         let scores = scores.reshape((b, h, t, s))?.to_dtype(DType::F32)?;
         let scores = match step.mask {
             Some(m) => scores.broadcast_add(m)?,
@@ -287,9 +321,16 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let g = self.gate.forward_t(x, train)?.silu()?;
+        let g = self.gate.forward_t(x, train)?;
         let u = self.up.forward_t(x, train)?;
-        self.down.forward_t(&(g * u)?, train)
+        if crate::ops::fusable(&g) && crate::ops::fusable(&u) {
+            // silu(g) ⊙ u in one op with its own backward (see `ops::swiglu`).
+            let h = g
+                .contiguous()?
+                .apply_op2(&u.contiguous()?, crate::ops::SwiGluOp)?;
+            return self.down.forward_t(&h, train);
+        }
+        self.down.forward_t(&(g.silu()? * u)?, train)
     }
 }
 

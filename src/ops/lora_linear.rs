@@ -40,7 +40,11 @@ pub(crate) struct FrozenLinearOp {
     pub bias: Option<Tensor>,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("lora op: {what} must be f32");
     };
@@ -51,7 +55,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_data<T>(
+pub(super) fn with_data<T>(
     t: &Tensor,
     what: &str,
     f: impl FnOnce(&[f32]) -> candle_core::Result<T>,
@@ -208,7 +212,12 @@ impl CustomOp3 for LoraLinearOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
+        let x_tracks = x.track_op();
+        // Detached inputs: the gradients must not carry a graph. A and B are variables and x
+        // holds the whole forward graph; a gradient built from them would keep every
+        // activation alive for as long as the gradient (or optimizer state made from it) lives.
+        let (x, a, b) = (&x.detach(), &a.detach(), &b.detach());
+        let dy = dy.detach().contiguous()?;
         let xd = match &self.mask {
             Some(m) => x.mul(m)?,
             None => x.clone(),
@@ -225,7 +234,7 @@ impl CustomOp3 for LoraLinearOp {
         let g = dy.matmul(b)?; // [N, r]
         let db = dy.t()?.matmul(&xa)?; // [out, r]
         let da = (g.t()?.matmul(&xd)? * self.scale as f64)?; // [r, in]
-        let dx = if x.track_op() {
+        let dx = if x_tracks {
             let low = (g.matmul(a)? * self.scale as f64)?; // [N, in]
             let low = match &self.mask {
                 Some(m) => low.mul(m)?,
@@ -253,5 +262,49 @@ impl CustomOp1 for FrozenLinearOp {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(dy.contiguous()?.matmul(&self.w0)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testing::{assert_close, rand_tensor};
+    use candle_core::Var;
+
+    /// The gradients match the plain path and carry no graph: a gradient that tracked ops
+    /// would keep the forward activations (and, through optimizer state built from it, every
+    /// earlier step's) alive.
+    #[test]
+    fn gradients_match_the_plain_path_and_are_detached() {
+        let x = Var::from_tensor(&rand_tensor(&[6, 5], 1)).unwrap();
+        let w0 = rand_tensor(&[4, 5], 2);
+        let a = Var::from_tensor(&rand_tensor(&[2, 5], 3)).unwrap();
+        let b = Var::from_tensor(&rand_tensor(&[4, 2], 4)).unwrap();
+        let h = (x.as_tensor() * 2.0).unwrap(); // an op between the leaf and the layer
+        let op = LoraLinearOp {
+            w0: w0.clone(),
+            bias: None,
+            scale: 0.5,
+            mask: None,
+            saved_xa: Default::default(),
+        };
+        let y = h.apply_op3(a.as_tensor(), b.as_tensor(), op).unwrap();
+        let want = (h.matmul(&w0.t().unwrap()).unwrap()
+            + (h.matmul(&a.as_tensor().t().unwrap()).unwrap() * 0.5)
+                .unwrap()
+                .matmul(&b.as_tensor().t().unwrap())
+                .unwrap())
+        .unwrap();
+        assert_close(&y, &want, 1e-6);
+        let up = rand_tensor(&[6, 4], 5);
+        let g1 = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &a, &b] {
+            let g = g1.get(v.as_tensor()).unwrap();
+            assert_close(g, g2.get(v.as_tensor()).unwrap(), 1e-5);
+        }
+        for v in [&a, &b] {
+            assert!(!g1.get(v.as_tensor()).unwrap().track_op());
+        }
     }
 }

@@ -1,6 +1,47 @@
 //! Fused ops with their own backward, used where a profile showed candle's generic autograd to
 //! be the bottleneck. Each is tested against the plain tensor path (values and gradients).
+//! All are CPU/f32 kernels; callers fall back to the composed tensor path elsewhere.
 
+mod cross_entropy;
 mod lora_linear;
+mod rms_norm;
+mod rope;
+mod softmax;
+mod swiglu;
 
+pub(crate) use cross_entropy::CrossEntropyOp;
 pub(crate) use lora_linear::{FrozenLinearOp, LoraLinearOp};
+pub(crate) use rms_norm::RmsNormOp;
+pub(crate) use rope::RopeOp;
+pub(crate) use softmax::ScaledMaskedSoftmaxOp;
+pub(crate) use swiglu::SwiGluOp;
+
+/// Whether the fused CPU/f32 kernels apply to `t`.
+pub(crate) fn fusable(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor};
+
+    /// A normal(0, 1) tensor from a seed.
+    pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
+        crate::layers::normal(shape, 1.0, &crate::layers::LoraRng::new(seed), &Device::Cpu).unwrap()
+    }
+
+    /// Asserts `max |a − b| ≤ tol · max(1, max |b|)`.
+    pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
+        assert_eq!(a.dims(), b.dims());
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let m: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(d <= tol * m.max(1.0), "max diff {d} (scale {m}, tol {tol})");
+    }
+}

@@ -5,4 +5,5 @@
 //! during training, merges it for deployment, and compares it with full fine-tuning.
 
 pub mod base;
+pub mod run;
 pub mod tasks;

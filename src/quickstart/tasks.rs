@@ -8,11 +8,12 @@
 //! Shout the word: walrus -> WALRUS
 //! ```
 //!
-//! Task B (what the LoRA adapter learns) combines two of them under a new instruction the base
-//! has never seen:
+//! Task B (what the LoRA adapter learns) is a new instruction the base has never seen, asking
+//! for one of its skills in other words. Given it, the base answers with garbage
+//! (`Say it again: walrus -> WaAROS`):
 //!
 //! ```text
-//! Shout it backwards: walrus -> SURLAW
+//! Say it again: walrus -> walrus
 //! ```
 //!
 //! Every answer ends with a newline, which is where generation stops. Words are split once into
@@ -34,6 +35,9 @@ pub struct Example {
     pub completion: String,
 }
 
+/// How many words are held out for evaluation (never trained on in task B).
+pub const HELD_OUT: usize = 300;
+
 /// A word game.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Game {
@@ -43,8 +47,8 @@ pub enum Game {
     Reverse,
     /// `Shout the word: w -> UPPER`.
     Shout,
-    /// Task B: `Shout it backwards: w -> REVERSED UPPER`.
-    ShoutBackwards,
+    /// Task B: `Say it again: w -> w`.
+    SayAgain,
 }
 
 impl Game {
@@ -55,7 +59,7 @@ impl Game {
             Game::Repeat => ("Repeat the word", word.to_string()),
             Game::Reverse => ("Reverse the word", rev),
             Game::Shout => ("Shout the word", word.to_uppercase()),
-            Game::ShoutBackwards => ("Shout it backwards", rev.to_uppercase()),
+            Game::SayAgain => ("Say it again", word.to_string()),
         };
         Example {
             prompt: format!("{instr}: {word} ->"),
@@ -89,10 +93,7 @@ pub fn task_a(words: &[String], seed: u64) -> Vec<Example> {
 
 /// Task B examples over `words`.
 pub fn task_b(words: &[String]) -> Vec<Example> {
-    words
-        .iter()
-        .map(|w| Game::ShoutBackwards.example(w))
-        .collect()
+    words.iter().map(|w| Game::SayAgain.example(w)).collect()
 }
 
 /// Writes examples as `{"prompt": ..., "completion": ...}` JSONL text.
@@ -116,9 +117,10 @@ mod tests {
         assert_eq!(Game::Reverse.example("walrus").completion, " surlaw\n");
         assert_eq!(Game::Shout.example("zoo").completion, " ZOO\n");
         assert_eq!(
-            Game::ShoutBackwards.example("walrus").completion,
-            " SURLAW\n"
+            Game::SayAgain.example("walrus").prompt,
+            "Say it again: walrus ->"
         );
+        assert_eq!(Game::SayAgain.example("walrus").completion, " walrus\n");
     }
 
     #[test]

@@ -6,5 +6,6 @@ mod crash;
 mod demo;
 mod llama;
 mod merge;
+mod quickstart;
 mod tinynet;
 mod train;

@@ -1,0 +1,59 @@
+//! `lora bench`: the PyTorch + PEFT baseline's measurements (same keys), see `lora::bench`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+
+/// Arguments of `lora bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Also write the results as JSON (the baseline's keys) to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Timed runs per layer measurement (the Llama step runs max(5, N/3) times, as the baseline).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    runs: u64,
+    /// Only the layer measurements (skip the Llama training step).
+    #[arg(long)]
+    layers_only: bool,
+}
+
+/// Runs `lora bench`: layer timings, the Llama LoRA training step, the memory ledger and the
+/// peak RSS. Threads: `RAYON_NUM_THREADS` (all cores by default).
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let runs = usize::try_from(a.runs)?;
+    let mut res = serde_json::Map::new();
+    res.insert("candle".into(), "0.11".into());
+    res.insert(
+        "threads".into(),
+        candle_core::utils::get_num_threads().into(),
+    );
+    let layer = lora::bench::layer_bench(runs)?;
+    if let serde_json::Value::Object(m) = serde_json::to_value(&layer)? {
+        res.extend(m);
+    }
+    if !a.layers_only {
+        let llama = lora::bench::llama_bench((runs / 3).max(5), Some(&crate::ALLOC))?;
+        if let serde_json::Value::Object(m) = serde_json::to_value(&llama)? {
+            res.extend(m);
+        }
+    }
+    if let Some(mib) = lora::bench::peak_rss_mib() {
+        res.insert("peak_rss_mib".into(), mib.into());
+    }
+    for (k, v) in &res {
+        match v {
+            serde_json::Value::Number(n) if n.is_f64() => {
+                println!("{k}: {:.3}", n.as_f64().unwrap_or(f64::NAN))
+            }
+            other => println!("{k}: {other}"),
+        }
+    }
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(res))?;
+        lora::st::write_text_atomic(path, &(text + "\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

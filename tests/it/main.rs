@@ -4,6 +4,7 @@ mod bad_input;
 mod common;
 mod crash;
 mod demo;
+mod kill_resume;
 mod llama;
 mod merge;
 mod quickstart;

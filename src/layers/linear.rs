@@ -220,7 +220,7 @@ impl LoraLinear {
 
     /// The forward pass; `train` enables dropout. Training a merged layer is an error.
     ///
-    /// On the CPU in f32 this runs the fused op of [`crate::ops`] (no gradient for the frozen
+    /// On the CPU in f32 this runs the fused op of `ops::lora_linear` (no gradient for the frozen
     /// weight, the low-rank path as two skinny GEMMs); elsewhere the plain tensor path.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train && self.merged {
@@ -262,14 +262,15 @@ impl LoraLinear {
         out_shape.push(w.dim(0)?);
         let x2 = x.reshape((n, inp))?.contiguous()?;
         let y = match self.lora.as_ref().filter(|_| !self.merged) {
-            None if x.track_op() => {
+            // Plain or merged: one GEMM accumulating into the bias (no separate bias pass); the
+            // op's backward gives only dX (the weight is frozen).
+            None => {
                 let op = ops::FrozenLinearOp {
                     w0: w.clone(),
                     bias: self.bias().cloned(),
                 };
                 x2.apply_op1(op)?
             }
-            None => return Ok(None),
             Some(l) => {
                 if l.a.dtype() != f32 || l.b.dtype() != f32 {
                     return Ok(None);

@@ -240,20 +240,8 @@ impl Mergeable for LoraConv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs;
     use candle_core::Device;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     fn check_merge_equals_unmerged(geom: Conv2dGeometry) {
         let dev = Device::Cpu;

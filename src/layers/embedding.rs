@@ -185,20 +185,8 @@ impl Mergeable for LoraEmbedding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs;
     use candle_core::Device;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     fn setup(init: InitLoraWeights) -> (LoraEmbedding, Tensor) {
         let dev = Device::Cpu;

@@ -359,20 +359,8 @@ impl Mergeable for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::max_abs;
     use candle_core::{backprop::GradStore, Device, D};
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     fn layer(spec: LoraSpec, bias: bool) -> (LoraLinear, Tensor) {
         let dev = Device::Cpu;

@@ -195,3 +195,49 @@ pub fn parse_index(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
     }
     Ok(pairs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> String {
+        parse_index(text, Path::new("model.safetensors.index.json"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn shard_index_errors_name_the_problem() {
+        assert!(parse("{").contains("invalid JSON"));
+        assert!(parse(r#"{"metadata": {}}"#).contains("weight_map"));
+        assert!(parse(r#"{"weight_map": {}}"#).contains("empty"));
+        assert!(parse(r#"{"weight_map": {"w": 3}}"#).contains("`w`"));
+        for bad in ["../secret.safetensors", "/abs.safetensors", ".hidden", ""] {
+            let e = parse(&format!(r#"{{"weight_map": {{"w": "{bad}"}}}}"#));
+            assert!(e.contains("plain file name"), "{bad}: {e}");
+        }
+        let ok = parse_index(
+            r#"{"weight_map": {"a": "s1", "b": "s2", "c": "s1"}}"#,
+            Path::new("i"),
+        )
+        .unwrap();
+        assert_eq!(ok.len(), 3);
+    }
+
+    #[test]
+    fn index_listing_a_tensor_missing_from_its_shard_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = candle_core::Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let m = BTreeMap::from([("a".to_string(), t)]);
+        crate::st::save(
+            &dir.path().join("s1.safetensors"),
+            &m,
+            &crate::st::pt_metadata(),
+        )
+        .unwrap();
+        let index = r#"{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}"#;
+        std::fs::write(dir.path().join(INDEX_FILE), index).unwrap();
+        let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("`b` is not in shard `s1.safetensors`"), "{e}");
+    }
+}

@@ -541,3 +541,71 @@ mod tests {
             .contains("missing.safetensors"));
     }
 }
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    /// A file with `header` as its JSON header and `data` after it.
+    fn file_with(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = header.as_bytes().to_vec();
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut v = (h.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(&h);
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn err(bytes: Vec<u8>) -> String {
+        SafeFile::from_bytes(Path::new("x.safetensors"), bytes)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_reading_it() {
+        let mut v = (u64::MAX / 2).to_le_bytes().to_vec();
+        v.extend_from_slice(b"{}");
+        let e = err(v);
+        assert!(
+            e.contains("x.safetensors") && e.contains("header too large"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn declared_bytes_beyond_the_file_are_refused() {
+        let e = err(file_with(
+            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+            &[0; 8],
+        ));
+        assert!(
+            e.contains("x.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn overflowing_dimension_products_are_refused() {
+        let h = r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#;
+        let e = err(file_with(h, &[0; 4]));
+        assert!(e.contains("x.safetensors") && e.contains("overflow"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_dtypes_are_named() {
+        let e = err(file_with(
+            r#"{"w":{"dtype":"I16","shape":[2],"data_offsets":[0,4]}}"#,
+            &[0; 4],
+        ));
+        assert!(e.contains("`w`") && e.contains("unsupported dtype"), "{e}");
+    }
+
+    #[test]
+    fn empty_and_garbage_files_are_refused() {
+        assert!(err(vec![]).contains("x.safetensors"));
+        assert!(err(file_with("not json", &[])).contains("x.safetensors"));
+    }
+}

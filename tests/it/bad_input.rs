@@ -244,3 +244,25 @@ fn output_equal_to_the_base_is_refused_and_base_untouched() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("base model"));
     assert_eq!(std::fs::read(s.path("base.safetensors")).unwrap(), before);
 }
+
+#[test]
+fn empty_adapter_tensors_are_refused_by_name() {
+    // The usual symptom of an unsharded ZeRO-3 / FSDP export: size-0 LoRA factors.
+    let s = Scratch::new();
+    let p = s.path("adapter/adapter_model.safetensors");
+    let f = lora::st::SafeFile::open(&p).unwrap();
+    let mut m = std::collections::BTreeMap::new();
+    for k in f.names() {
+        m.insert(k.clone(), f.tensor(&k, &candle_core::Device::Cpu).unwrap());
+    }
+    drop(f);
+    let key = "base_model.model.blocks.0.q.lora_A.weight".to_string();
+    m.insert(
+        key.clone(),
+        candle_core::Tensor::zeros((0, 16), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(),
+    );
+    lora::st::save(&p, &m, &lora::st::pt_metadata()).unwrap();
+    let e = s.merge_default_fails();
+    assert!(e.contains(&key) && e.contains("empty"), "{e}");
+}

@@ -148,9 +148,12 @@ impl AdamW {
         } = self.cfg;
         for (s, g) in self.slots.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
-            let g = g.to_dtype(s.var.dtype())?;
+            // Detached: candle's backward can hand out gradients that still reference the
+            // forward graph; optimizer state built from them would keep every step's
+            // activations alive.
+            let g = g.detach().to_dtype(s.var.dtype())?;
             s.step += 1;
-            let mut p = s.var.as_tensor().clone();
+            let mut p = s.var.as_tensor().detach();
             if s.decay && weight_decay != 0.0 {
                 p = (p * (1.0 - lr * weight_decay))?;
             }

@@ -22,6 +22,13 @@ pub struct BenchArgs {
 /// Runs `lora bench`: layer timings, the Llama LoRA training step, the memory ledger and the
 /// peak RSS. Threads: `RAYON_NUM_THREADS` (all cores by default).
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(path) = &a.json {
+        // Fail before minutes of measuring, not after.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            anyhow::bail!("{}: the folder does not exist", path.display());
+        }
+    }
     let runs = usize::try_from(a.runs)?;
     let mut res = serde_json::Map::new();
     res.insert("candle".into(), "0.11".into());
@@ -52,8 +59,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&serde_json::Value::Object(res))?;
-        lora::st::write_text_atomic(path, &(text + "\n"))
-            .with_context(|| format!("writing {}", path.display()))?;
+        lora::st::write_text_atomic(path, &(text + "\n")).context("writing the JSON")?;
     }
     Ok(())
 }

@@ -36,6 +36,25 @@ impl Scratch {
         f(&mut v);
         std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
     }
+    /// Loads the adapter's tensors, lets `f` change them, and writes them back.
+    fn rewrite_adapter(
+        &self,
+        f: impl FnOnce(&mut std::collections::BTreeMap<String, candle_core::Tensor>),
+    ) {
+        let p = self.path("adapter/adapter_model.safetensors");
+        let file = lora::st::SafeFile::open(&p).unwrap();
+        let mut m = std::collections::BTreeMap::new();
+        for k in file.names() {
+            m.insert(
+                k.clone(),
+                file.tensor(&k, &candle_core::Device::Cpu).unwrap(),
+            );
+        }
+        drop(file);
+        f(&mut m);
+        lora::st::save(&p, &m, &lora::st::pt_metadata()).unwrap();
+    }
+
     /// Runs `lora merge` into `out` and returns the error line; asserts failure and no output.
     fn merge_fails(&self, base: &Path, out: &Path) -> String {
         let o = Command::new(lora_bin())
@@ -210,17 +229,11 @@ fn dora_and_nan_adapters_are_refused_by_name() {
     assert!(e.contains("use_dora"), "{e}");
 
     let s = Scratch::new();
-    let p = s.path("adapter/adapter_model.safetensors");
-    let f = lora::st::SafeFile::open(&p).unwrap();
-    let mut m = std::collections::BTreeMap::new();
-    for k in f.names() {
-        m.insert(k.clone(), f.tensor(&k, &candle_core::Device::Cpu).unwrap());
-    }
-    drop(f);
     let key = "base_model.model.blocks.1.v.lora_B.weight".to_string();
-    let nan = (m[&key].clone() * f64::NAN).unwrap();
-    m.insert(key.clone(), nan);
-    lora::st::save(&p, &m, &lora::st::pt_metadata()).unwrap();
+    s.rewrite_adapter(|m| {
+        let nan = (m[&key].clone() * f64::NAN).unwrap();
+        m.insert(key.clone(), nan);
+    });
     let e = s.merge_default_fails();
     assert!(e.contains(&key) && e.contains("non-finite"), "{e}");
 }
@@ -249,20 +262,12 @@ fn output_equal_to_the_base_is_refused_and_base_untouched() {
 fn empty_adapter_tensors_are_refused_by_name() {
     // The usual symptom of an unsharded ZeRO-3 / FSDP export: size-0 LoRA factors.
     let s = Scratch::new();
-    let p = s.path("adapter/adapter_model.safetensors");
-    let f = lora::st::SafeFile::open(&p).unwrap();
-    let mut m = std::collections::BTreeMap::new();
-    for k in f.names() {
-        m.insert(k.clone(), f.tensor(&k, &candle_core::Device::Cpu).unwrap());
-    }
-    drop(f);
     let key = "base_model.model.blocks.0.q.lora_A.weight".to_string();
-    m.insert(
-        key.clone(),
-        candle_core::Tensor::zeros((0, 16), candle_core::DType::F32, &candle_core::Device::Cpu)
-            .unwrap(),
-    );
-    lora::st::save(&p, &m, &lora::st::pt_metadata()).unwrap();
+    s.rewrite_adapter(|m| {
+        let empty =
+            candle_core::Tensor::zeros((0, 16), candle_core::DType::F32, &candle_core::Device::Cpu);
+        m.insert(key.clone(), empty.unwrap());
+    });
     let e = s.merge_default_fails();
     assert!(e.contains(&key) && e.contains("empty"), "{e}");
 }

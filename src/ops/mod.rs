@@ -3,6 +3,7 @@
 //! All are CPU/f32 kernels; callers fall back to the composed tensor path elsewhere.
 
 mod cross_entropy;
+pub(crate) mod gemm;
 mod lora_linear;
 mod rms_norm;
 mod rope;

@@ -44,6 +44,9 @@ use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::layers::{LoraEmbedding, LoraLinear, Mergeable};
 
+mod fused;
+pub use fused::FusedGrads;
+
 /// How [`Llama::open`] adds LoRA: new adapters from a config, or a saved adapter.
 #[derive(Debug, Clone)]
 pub enum LoraInit {
@@ -77,6 +80,11 @@ impl RmsNorm {
     /// A norm with `weight: [H]`.
     pub fn new(weight: Tensor, eps: f64) -> Self {
         RmsNorm { weight, eps }
+    }
+
+    /// The weight `[H]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
     }
 
     /// Normalises the last dimension of `x: [..., H]`.
@@ -614,6 +622,13 @@ impl CausalLm for Llama {
     fn forward_t(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
         self.run(ids, 0, None, train)
     }
+
+    /// On the CPU in f32 with dropout-free adapters on the decoder linears (see
+    /// `models::llama::fused`): one pass each way over plain buffers, only the adapters'
+    /// gradients computed.
+    fn fused_loss_and_grads(&self, ids: &Tensor, labels: &Tensor) -> Result<Option<FusedGrads>> {
+        self.fused_step(ids, labels)
+    }
 }
 
 #[cfg(test)]
@@ -694,7 +709,7 @@ mod tests {
     }
 
     /// Random weights for `cfg` (with q/k/v/o biases when `biases`), as a name → tensor map.
-    fn random_weights(
+    pub(super) fn random_weights(
         cfg: &LlamaConfig,
         biases: bool,
     ) -> std::collections::BTreeMap<String, Tensor> {
@@ -737,7 +752,7 @@ mod tests {
             .collect()
     }
 
-    fn tiny(arch: &str, extra: &str) -> LlamaConfig {
+    pub(super) fn tiny(arch: &str, extra: &str) -> LlamaConfig {
         serde_json::from_str(&format!(
             r#"{{"architectures": ["{arch}"], "vocab_size": 32, "hidden_size": 16,
                 "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -751,7 +766,7 @@ mod tests {
         Llama::load(cfg, &vb).unwrap()
     }
 
-    fn ids() -> Tensor {
+    pub(super) fn ids() -> Tensor {
         Tensor::new(
             &[[3u32, 7, 1, 30, 12, 5], [0, 2, 9, 9, 31, 4]],
             &Device::Cpu,

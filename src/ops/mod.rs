@@ -9,9 +9,10 @@ mod rms_norm;
 mod rope;
 mod softmax;
 mod swiglu;
+pub(crate) mod vecmath;
 
 pub(crate) use cross_entropy::CrossEntropyOp;
-pub(crate) use lora_linear::{FrozenLinearOp, LoraLinearOp};
+pub(crate) use lora_linear::{merged_weight_pays, FrozenLinearOp, LoraLinearOp};
 pub(crate) use rms_norm::RmsNormOp;
 pub(crate) use rope::RopeOp;
 pub(crate) use softmax::ScaledMaskedSoftmaxOp;

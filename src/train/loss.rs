@@ -33,6 +33,42 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
             what: format!("logits of shape {:?} (expected [{b}, {t}])", logits.dims()),
         });
     }
+    let (rows, targets) = predicted_rows(labels, b, t, v)?;
+    let n = rows.len();
+    let dev = logits.device();
+    if n == 0 {
+        return Ok((Tensor::zeros((), DType::F32, dev)?, 0));
+    }
+    let flat = logits.reshape((b * t, v))?;
+    if crate::ops::fusable(&flat) {
+        // One pass over the logits each way, no row copies (see `ops::cross_entropy`).
+        let op = crate::ops::CrossEntropyOp::new(rows, targets);
+        return Ok((flat.contiguous()?.apply_op1(op)?, n));
+    }
+    let picked = flat
+        .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
+        .to_dtype(DType::F32)?;
+    let logp = log_softmax_last(&picked)?;
+    let target = Tensor::from_vec(targets, (n, 1), dev)?;
+    let sum = logp.gather(&target, 1)?.sum_all()?.neg()?;
+    Ok((sum, n))
+}
+
+/// The flat logit rows `i·t + j` that are predicted (label at `j + 1` not −100) and their
+/// targets, for `labels: [b, t]` over a vocabulary of `v`; an error names an out-of-range label.
+pub(crate) fn predicted_rows(
+    labels: &Tensor,
+    b: usize,
+    t: usize,
+    v: usize,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    if labels.dims() != [b, t] {
+        return Err(Error::ShapeMismatch {
+            key: "labels".into(),
+            got: labels.dims().to_vec(),
+            what: format!("[{b}, {t}] (the token ids' shape)"),
+        });
+    }
     let rows_labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -52,24 +88,7 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
             targets.push(l as u32);
         }
     }
-    let n = rows.len();
-    let dev = logits.device();
-    if n == 0 {
-        return Ok((Tensor::zeros((), DType::F32, dev)?, 0));
-    }
-    let flat = logits.reshape((b * t, v))?;
-    if crate::ops::fusable(&flat) {
-        // One pass over the logits each way, no row copies (see `ops::cross_entropy`).
-        let op = crate::ops::CrossEntropyOp::new(rows, targets);
-        return Ok((flat.contiguous()?.apply_op1(op)?, n));
-    }
-    let picked = flat
-        .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
-        .to_dtype(DType::F32)?;
-    let logp = log_softmax_last(&picked)?;
-    let target = Tensor::from_vec(targets, (n, 1), dev)?;
-    let sum = logp.gather(&target, 1)?.sum_all()?.neg()?;
-    Ok((sum, n))
+    Ok((rows, targets))
 }
 
 /// The mean loss `L` (a scalar tensor, differentiable); an error when no token is predicted

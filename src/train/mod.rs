@@ -498,6 +498,26 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         for b in batches {
+            if let Some(f) = self.model.fused_loss_and_grads(&b.input_ids, &b.labels)? {
+                if f.count == 0 {
+                    continue;
+                }
+                loss_sum += f.loss_sum;
+                for (v, gi) in f.grads {
+                    let Some(slot) = vars
+                        .iter()
+                        .position(|x| x.as_tensor().id() == v.as_tensor().id())
+                    else {
+                        continue;
+                    };
+                    let gi = (gi / n as f64)?;
+                    grads[slot] = Some(match grads[slot].take() {
+                        None => gi,
+                        Some(acc) => (acc + gi)?,
+                    });
+                }
+                continue;
+            }
             let logits = self.model.forward_t(&b.input_ids, true)?;
             let (sum, count) = loss::causal_lm_loss_sum(&logits, &b.labels)?;
             if count == 0 {

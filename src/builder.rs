@@ -89,6 +89,8 @@ struct State {
     adapters: BTreeMap<String, Registered>,
     trainable: Vec<(String, Var)>,
     modules: BTreeSet<String>,
+    /// Bytes of every base tensor loaded so far (in the builder's dtype).
+    loaded_bytes: usize,
 }
 
 struct Inner {
@@ -219,7 +221,9 @@ impl LoraBuilder {
                 what: format!("the model (expected {shape:?})"),
             });
         }
-        Ok(t.to_dtype(self.inner.dtype)?)
+        let t = t.to_dtype(self.inner.dtype)?;
+        self.state().loaded_bytes += t.elem_count() * t.dtype().size_in_bytes();
+        Ok(t)
     }
 
     /// A tensor that is not part of a LoRA-able layer (a norm weight, say): frozen, or a
@@ -424,6 +428,12 @@ impl LoraBuilder {
     /// Trainable variables with their names (`<module>.lora_A`, `<module>.weight`, ...).
     pub fn named_trainable_vars(&self) -> Vec<(String, Var)> {
         self.state().trainable.clone()
+    }
+
+    /// Bytes of the base tensors loaded so far, in the builder's dtype: the frozen weights
+    /// (and, under full fine-tuning, the initial values of the trainable ones).
+    pub fn loaded_bytes(&self) -> usize {
+        self.state().loaded_bytes
     }
 
     /// Names of every module built so far, sorted.

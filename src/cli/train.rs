@@ -215,6 +215,17 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         None => Trainer::new(&model, &vb, tc, save, &a.out)?,
     };
 
+    // Memory ledger: sizes of what training holds, and the heap peak above the loaded model
+    // measured by the counting allocator over the whole run.
+    let trainable_bytes: usize = vb
+        .trainable_vars()
+        .iter()
+        .map(|v| v.elem_count() * v.dtype().size_in_bytes())
+        .sum();
+    let frozen_bytes = if a.full { 0 } else { vb.loaded_bytes() };
+    crate::ALLOC.reset_peak();
+    let heap_before = crate::ALLOC.current();
+
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
@@ -268,6 +279,18 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         summary.steps,
         last.map_or("-".into(), |l| format!("{l:.4}")),
         a.out.display()
+    );
+    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "memory: frozen weights {:.2} MiB, trainable {:.2} MiB, gradients {:.2} MiB, AdamW state \
+         {:.2} MiB; heap peak while training {:.1} MiB above the loaded model (activations, \
+         temporaries, checkpoints); peak RSS {}",
+        mib(frozen_bytes),
+        mib(trainable_bytes),
+        mib(trainable_bytes),
+        mib(2 * trainable_bytes),
+        mib(crate::ALLOC.peak().saturating_sub(heap_before)),
+        lora::bench::peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB")),
     );
     if let Some(dir) = &a.merge_out {
         let adapter = Adapter::load(&a.out, &dev)?;

@@ -230,6 +230,20 @@ fn lora_train_cli_reproduces_the_peft_step_and_writes_a_peft_adapter() {
         &out,
     ]));
     assert!(stdout.contains("trained 1 steps"), "{stdout}");
+    // The memory ledger names the exact sizes: every base tensor frozen (f32), A and B trainable.
+    let mib = |path: &std::path::Path| {
+        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        let bytes: usize = t.values().map(|t| t.elem_count() * 4).sum();
+        bytes as f64 / (1024.0 * 1024.0)
+    };
+    let frozen = mib(&fixture("llama_qv/base/model.safetensors"));
+    let trainable = mib(&fixture("llama_qv/adapter/adapter_model.safetensors"));
+    let want = format!(
+        "memory: frozen weights {frozen:.2} MiB, trainable {trainable:.2} MiB, gradients \
+         {trainable:.2} MiB, AdamW state {:.2} MiB; heap peak while training ",
+        2.0 * trainable
+    );
+    assert!(stdout.contains(&want), "{want}\n{stdout}");
 
     let ours = SafeFile::open(&out.join("adapter_model.safetensors")).unwrap();
     let theirs = SafeFile::open(&fixture("llama_qv/adapter/adapter_model.safetensors")).unwrap();

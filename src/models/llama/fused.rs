@@ -373,32 +373,27 @@ fn rms_backward(dy: &[f32], x: &[f32], inv: &[f32], w: &[f32], dx: &mut [f32]) {
         });
 }
 
-/// Token-major `[b·t, n·d]` → head-major `[b, n, t, d]`, rotated by RoPE when `rope`.
-fn to_heads(x: &[f32], n: usize, dm: &Dims, rope: bool) -> Vec<f32> {
+/// RoPE in place on token-major `x: [b·t, n·d]` (`n` heads of `d`):
+/// `x ← x ⊙ cos + rotate_half(x) ⊙ sin` per head, position `t` of each row.
+fn rope_inplace(x: &mut [f32], n: usize, dm: &Dims) {
     let (t, d) = (dm.t, dm.d);
     let half = d / 2;
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(t * d).enumerate().for_each(|(bh, y)| {
-        let (bi, hi) = (bh / n, bh % n);
-        for (ti, y) in y.chunks_exact_mut(d).enumerate() {
-            let src = &x[(bi * t + ti) * n * d + hi * d..][..d];
-            if !rope {
-                y.copy_from_slice(src);
-                continue;
-            }
-            let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
-            let (x1, x2) = src.split_at(half);
-            let (y1, y2) = y.split_at_mut(half);
+    x.par_chunks_mut(n * d).enumerate().for_each(|(row, x)| {
+        let ti = row % t;
+        let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
+        for head in x.chunks_exact_mut(d) {
+            let (x1, x2) = head.split_at_mut(half);
             for j in 0..half {
-                y1[j] = x1[j] * c[j] - x2[j] * s[j];
-                y2[j] = x2[j] * c[half + j] + x1[j] * s[half + j];
+                let (a, b) = (x1[j], x2[j]);
+                x1[j] = a * c[j] - b * s[j];
+                x2[j] = b * c[half + j] + a * s[half + j];
             }
         }
     });
-    y
 }
 
-/// The gradient of [`to_heads`]: head-major `[b, n, t, d]` → token-major `[b·t, n·d]`.
+/// Head-major `[b, n, t, d]` → token-major `[b·t, n·d]`, through RoPE's backward (the
+/// rotation by −angle) when `rope`.
 fn from_heads(dy: &[f32], n: usize, dm: &Dims, rope: bool) -> Vec<f32> {
     let (t, d) = (dm.t, dm.d);
     let half = d / 2;
@@ -440,8 +435,9 @@ fn query_blocks(dm: &Dims) -> Vec<(usize, usize, usize, usize)> {
         .collect()
 }
 
-/// Causal attention over head-major `q: [b, H, t, d]`, `k, v: [b, KV, t, d]`: returns the
-/// probabilities `[b, H, t, t]` (0 where masked) and the output, token-major `[b·t, H·d]`.
+/// Causal attention over token-major `q: [b·t, H·d]`, `k, v: [b·t, KV·d]` (heads read in
+/// place through strides): returns the probabilities `[b, H, t, t]` (0 where masked) and the
+/// output, token-major `[b·t, H·d]`.
 fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, Vec<f32>) {
     let (t, d, h, kvh) = (dm.t, dm.d, dm.heads, dm.kv_heads);
     let rep = h / kvh;
@@ -454,19 +450,20 @@ fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, V
         .enumerate()
         .for_each(|(bh, (p, o))| {
             let (bi, hi) = (bh / h, bh % h);
-            let qh = &q[bh * t * d..][..t * d];
-            let kv = (bi * kvh + hi / rep) * t * d;
-            let (kh, vh) = (&k[kv..][..t * d], &v[kv..][..t * d]);
+            let (hd, kvd) = (h * d, kvh * d);
+            let qh = &q[bi * t * hd + hi * d..];
+            let kv = bi * t * kvd + (hi / rep) * d;
+            let (kh, vh) = (&k[kv..], &v[kv..]);
             for &(r0, rows, k0, keys) in &blocks {
                 let pb = &mut p[r0 * t + k0..];
-                let (qb, kb) = (&qh[r0 * d..], &kh[k0 * d..]);
+                let (qb, kb) = (&qh[r0 * hd..], &kh[k0 * kvd..]);
                 mm(
                     (rows, keys, d),
                     pb,
                     t,
                     false,
-                    (qb, d, 1),
-                    (kb, 1, d),
+                    (qb, hd, 1),
+                    (kb, 1, kvd),
                     scale,
                     false,
                 );
@@ -474,7 +471,7 @@ fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, V
                     // Query i sees keys lo..=i.
                     let row = &mut p[i * t..][..t];
                     let lo = dm.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                    row[k0..lo].fill(0.0);
+                    row[..lo].fill(0.0);
                     row[i + 1..].fill(0.0);
                     let seen = &mut row[lo..=i];
                     let m = max(seen);
@@ -483,14 +480,14 @@ fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, V
                     let inv = 1.0 / sum(seen);
                     seen.iter_mut().for_each(|x| *x *= inv);
                 }
-                let (pb, vb) = (&p[r0 * t + k0..], &vh[k0 * d..]);
+                let (pb, vb) = (&p[r0 * t + k0..], &vh[k0 * kvd..]);
                 mm(
                     (rows, d, keys),
                     &mut o[r0 * d..],
                     d,
                     false,
                     (pb, t, 1),
-                    (vb, d, 1),
+                    (vb, kvd, 1),
                     1.0,
                     false,
                 );
@@ -499,8 +496,8 @@ fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, V
     (p, from_heads(&o, h, dm, false))
 }
 
-/// The gradient of [`attention_forward`] for output gradient `do_tok: [b·t, H·d]`: returns
-/// head-major `(dq, dk, dv)` (before RoPE's backward).
+/// The gradient of [`attention_forward`] (same token-major inputs) for output gradient
+/// `do_tok: [b·t, H·d]`: returns head-major `(dq, dk, dv)` (before RoPE's backward).
 fn attention_backward(
     q: &[f32],
     k: &[f32],
@@ -513,7 +510,7 @@ fn attention_backward(
     let rep = h / kvh;
     let scale = 1.0 / (d as f32).sqrt();
     let blocks = query_blocks(dm);
-    let dout = to_heads(do_tok, h, dm, false);
+    let (hd, kvd) = (h * d, kvh * d);
     let mut dq = vec![0f32; q.len()];
     let mut dk = vec![0f32; k.len()];
     let mut dv = vec![0f32; v.len()];
@@ -522,22 +519,25 @@ fn attention_backward(
         .zip(dv.par_chunks_mut(t * d))
         .enumerate()
         .for_each(|(g, ((dq, dk), dv))| {
-            let (kh, vh) = (&k[g * t * d..][..t * d], &v[g * t * d..][..t * d]);
+            let (bi, kvi) = (g / kvh, g % kvh);
+            let kv = bi * t * kvd + kvi * d;
+            let (kh, vh) = (&k[kv..], &v[kv..]);
             let mut ds = vec![0f32; QBLOCK * t];
             for r in 0..rep {
                 let bh = g * rep + r;
-                let (qh, ph) = (&q[bh * t * d..][..t * d], &p[bh * t * t..][..t * t]);
-                let doh = &dout[bh * t * d..][..t * d];
+                let head = (bi * t) * hd + (kvi * rep + r) * d;
+                let (qh, ph) = (&q[head..], &p[bh * t * t..][..t * t]);
+                let doh = &do_tok[head..];
                 for &(r0, rows, k0, keys) in &blocks {
-                    let (dob, pb) = (&doh[r0 * d..], &ph[r0 * t + k0..]);
+                    let (dob, pb) = (&doh[r0 * hd..], &ph[r0 * t + k0..]);
                     // dP = dO·Vᵀ and dV += Pᵀ·dO over the block's keys.
                     mm(
                         (rows, keys, d),
                         &mut ds,
                         keys,
                         false,
-                        (dob, d, 1),
-                        (&vh[k0 * d..], 1, d),
+                        (dob, hd, 1),
+                        (&vh[k0 * kvd..], 1, kvd),
                         1.0,
                         false,
                     );
@@ -547,7 +547,7 @@ fn attention_backward(
                         d,
                         true,
                         (pb, 1, t),
-                        (dob, d, 1),
+                        (dob, hd, 1),
                         1.0,
                         false,
                     );
@@ -566,7 +566,7 @@ fn attention_backward(
                         d,
                         false,
                         (&ds, keys, 1),
-                        (&kh[k0 * d..], d, 1),
+                        (&kh[k0 * kvd..], kvd, 1),
                         1.0,
                         false,
                     );
@@ -576,7 +576,7 @@ fn attention_backward(
                         d,
                         true,
                         (&ds, 1, keys),
-                        (&qh[r0 * d..], d, 1),
+                        (&qh[r0 * hd..], hd, 1),
                         1.0,
                         false,
                     );
@@ -849,12 +849,11 @@ impl Llama {
         let mut saved = Vec::with_capacity(layers.len());
         for l in &layers {
             let (xn, inv1) = rms_forward(&x, l.n1, dm.eps);
-            let q = l.q.forward(&xn, n);
-            let q = to_heads(&q, dm.heads, &dm, true);
-            let k = l.k.forward(&xn, n);
-            let k = to_heads(&k, dm.kv_heads, &dm, true);
+            let mut q = l.q.forward(&xn, n);
+            rope_inplace(&mut q, dm.heads, &dm);
+            let mut k = l.k.forward(&xn, n);
+            rope_inplace(&mut k, dm.kv_heads, &dm);
             let v = l.v.forward(&xn, n);
-            let v = to_heads(&v, dm.kv_heads, &dm, false);
             let (p, o) = attention_forward(&q, &k, &v, &dm);
             let mut h1 = l.o.forward(&o, n);
             add_into(&mut h1, &x);

@@ -4,27 +4,30 @@
 //! every op in the backward (frozen weights included), accumulates each through a fresh zero
 //! tensor and allocates every activation anew: on the benchmark Llama (4 layers, hidden 512,
 //! batch 8 × 128 tokens) that made a LoRA step 2.5× slower than PyTorch + PEFT although the
-//! matrix products, which are the same on both sides, take about a quarter of it. This module
+//! matrix products, which are the same on both sides, took about a quarter of it. This module
 //! runs the same math as [`Llama`]'s forward plus [`causal_lm_loss_sum`]'s backward directly on
 //! f32 buffers, computing only what the adapters' gradients need:
 //!
 //! ```text
-//! per layer (x: [N, H], N = b·t)               backward (dy flows from the loss)
-//! xn  = rms(x)·w1                              dx  = dh1 + rms'(dxn)         (skipped in layer 0)
+//! forward, per layer (x: [N, H], N = b·t)      backward (dy flows from the loss)
+//! xn  = rms(x)·w1                              dx  = dh1 + rms'(dxn)      (skipped in layer 0)
 //! q,k,v = xn·W'ᵀ (+ bias), W' = W0 + s·B·A     dxn = dq·Wq' + dk·Wk' + dv·Wv'
-//! attention: P = softmax(rope(q)·rope(k)ᵀ/√d + causal mask), o = P·v   (flash-style recurrences
-//!            are not needed at these lengths: P is kept)      dP = do·vᵀ, dS = P⊙(dP − Σ dP⊙P)
+//! P = softmax(rope(q)·rope(k)ᵀ/√d + mask)      dP = do·vᵀ, dS = P⊙(dP − Σ_row dP⊙P)/√d
+//! o = P·v                                      dq = dS·k, dk = dSᵀ·q, dv = Pᵀ·do (+ RoPE')
 //! h1  = x + o·Wo'ᵀ                             dh1 = dh + rms'(dG·Wg' + dU·Wu')
-//! h   = h1 + (silu(xn2·Wgᵀ) ⊙ xn2·Wuᵀ)·Wd'ᵀ     with xn2 = rms(h1)·w2
+//! h   = h1 + (silu(G) ⊙ U)·Wd'ᵀ,  G, U = xn2·Wg'ᵀ, xn2·Wu'ᵀ,  xn2 = rms(h1)·w2
 //! logits = rms(h_L)·wf·Whᵀ;  loss = Σ_predicted (logsumexp − logit[label])
-//! LoRA:  xa = x_in·Aᵀ, g = dy·B,  dB = s·dyᵀ·xa,  dA = s·gᵀ·x_in   (for every adapted linear)
+//! LoRA:  xa = x_in·Aᵀ, g = dy·B,  dB = s·dyᵀ·xa,  dA = s·gᵀ·x_in   (every adapted linear)
 //! ```
 //!
 //! Frozen weights get no gradient, no product for one is computed, and the gradient of the
 //! first layer's input (which only the frozen embedding would use) is skipped. An adapted
 //! linear multiplies by the merged weight `W' = W0 + s·B·A`, formed once per step (an `out×in×r`
 //! product), in both directions: one GEMM instead of the base GEMM plus two skinny ones (the
-//! adapter itself stays unmerged). Rows, heads and GEMM tiles run on rayon's pool.
+//! adapter itself stays unmerged). Attention keeps `P` (`[b, heads, t, t]`), reads the heads of
+//! the token-major projections through strides, and skips the key blocks a query block cannot
+//! see. Large products are split by rows, one serial GEMM per thread; element-wise kernels run
+//! row chunks on rayon's pool with the vectorised `exp` and reductions of `ops::vecmath`.
 //!
 //! It applies when the model is on the CPU in f32, every trainable variable is a `lora_A` /
 //! `lora_B` of a decoder linear (`q/k/v/o_proj`, `gate/up/down_proj`) with no dropout, and no

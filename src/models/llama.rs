@@ -623,7 +623,7 @@ impl CausalLm for Llama {
         self.run(ids, 0, None, train)
     }
 
-    /// On the CPU in f32 with dropout-free adapters on the decoder linears (see
+    /// On the CPU in f32 with adapters only on the decoder linears (see
     /// `models::llama::fused`): one pass each way over plain buffers, only the adapters'
     /// gradients computed.
     fn fused_loss_and_grads(&self, ids: &Tensor, labels: &Tensor) -> Result<Option<FusedGrads>> {

@@ -52,6 +52,11 @@ impl LoraRng {
         self.with(|r| (0..n).map(|_| dist.sample(r)).collect())
     }
 
+    /// The same draws as [`LoraRng::keep_mask`], as keep flags: 1 kept, 0 dropped.
+    pub fn keep_flags(&self, n: usize, p: f32) -> Vec<u8> {
+        self.with(|r| (0..n).map(|_| u8::from(r.random::<f32>() >= p)).collect())
+    }
+
     /// An inverted-dropout mask: 0 with probability `p`, else `1/(1-p)`.
     pub fn keep_mask(&self, n: usize, p: f32) -> Vec<f32> {
         let keep = 1.0 / (1.0 - p);

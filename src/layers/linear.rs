@@ -275,15 +275,10 @@ impl LoraLinear {
                 if l.a.dtype() != f32 || l.b.dtype() != f32 {
                     return Ok(None);
                 }
-                let mask = (train && l.dropout > 0.0)
-                    .then(|| {
-                        Tensor::from_vec(
-                            self.rng.keep_mask(n * inp, l.dropout),
-                            (n, inp),
-                            x.device(),
-                        )
-                    })
-                    .transpose()?;
+                let mask = (train && l.dropout > 0.0).then(|| ops::DropMask {
+                    keep: self.rng.keep_flags(n * inp, l.dropout),
+                    scale: 1.0 / (1.0 - l.dropout),
+                });
                 let op = ops::LoraLinearOp {
                     w0: w.clone(),
                     bias: self.bias().cloned(),
@@ -624,6 +619,56 @@ mod tests {
                     "gradient differs: {} (scale {scale})",
                     max_abs(a, b)
                 );
+            }
+        }
+    }
+
+    /// Both forward paths of the fused op (the merged weight `W0 + s·B·A` at or above
+    /// `merged_weight_pays`'s row threshold without dropout, the low-rank branch below it or
+    /// with dropout) match the plain path in values and in the gradients of A, B and x, with and
+    /// without bias: tolerance 1e-5 relative to the largest entry (f32 rounding of a different
+    /// summation order; the values are O(1)..O(10)).
+    #[test]
+    fn both_fused_paths_match_the_plain_path_with_and_without_bias() {
+        // 24×16: threshold 16·24 / (16 + 24) = 9.6 rows.
+        for (rows, dropout, merged) in [(10, 0.0, true), (64, 0.0, true), (9, 0.0, false)] {
+            for (rows, dropout, merged) in [(rows, dropout, merged), (rows, 0.25, false)] {
+                assert_eq!(
+                    dropout == 0.0 && ops::merged_weight_pays(rows, 16, 24),
+                    merged
+                );
+                for bias in [true, false] {
+                    let spec = LoraSpec {
+                        dropout,
+                        ..random_spec(4)
+                    };
+                    let (l, _) = layer(spec, bias);
+                    let x =
+                        init::normal(&[rows, 16], 1.0, &LoraRng::new(rows as u64), &Device::Cpu)
+                            .unwrap();
+                    let x = candle_core::Var::from_tensor(&x)
+                        .unwrap()
+                        .as_tensor()
+                        .clone();
+                    let (y1, g1) = grads_of(&l, &x, true, 5);
+                    let (y2, g2) = grads_of(&l, &x, false, 5);
+                    let what = format!("rows {rows}, dropout {dropout}, bias {bias}");
+                    let rel = |a: &Tensor, b: &Tensor| {
+                        let m = b
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
+                        max_abs(a, b) / m.max(1.0)
+                    };
+                    assert!(rel(&y1, &y2) <= 1e-5, "values, {what}");
+                    assert_eq!((g1.len(), g2.len()), (3, 3), "{what}");
+                    for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+                        assert!(rel(a, b) <= 1e-5, "gradient {i} (A, B, x), {what}");
+                    }
+                }
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The one GEMM entry point of the fused kernels: the `gemm` crate (AVX-512 kernels with the
 //! `x86-v4` feature) on row-major f32 buffers with explicit strides, threaded like candle.
 
-/// `dst (m×n, row-major) = read·dst + beta·lhs·rhs` with explicit strides (gemm crate).
+/// `dst (m×n, row-major) = read·dst + beta·lhs·rhs` with explicit (row, column) strides of
+/// `lhs` (m×k) and `rhs` (k×n), any of which may be 0 (gemm crate).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_f32(
     m: usize,
@@ -23,7 +24,8 @@ pub(crate) fn gemm_f32(
         gemm::Parallelism::None
     };
     // SAFETY: every pointer is valid for the extents given by (m, n, k) and the strides, which
-    // the callers derive from contiguous row-major buffers of exactly those shapes.
+    // the callers derive from row-major buffers of exactly those shapes or from the layout of
+    // the tensor whose data the slice holds (strides may be 0: a broadcast).
     unsafe {
         gemm::gemm(
             m,
@@ -48,4 +50,3 @@ pub(crate) fn gemm_f32(
         )
     }
 }
-

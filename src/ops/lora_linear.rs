@@ -1,24 +1,52 @@
 //! Fused LoRA linear op with its own backward (CPU, f32).
 //!
+//! Two forward paths, the same result up to rounding. With `N` rows, `x` `[N, in]`,
+//! `W0` `[out, in]`, `A` `[r, in]`, `B` `[out, r]`, scale `s` and dropout mask `m`:
+//!
 //! ```text
-//! forward   xa = s·(x⊙m)·Aᵀ          [N, r]    (saved for backward; m = dropout mask or 1)
-//!           y  = x·W0ᵀ + b + xa·Bᵀ   [N, out]  (bias written first, both GEMMs accumulate into y)
-//! backward  g  = dy·B                [N, r]
-//!           dB = dyᵀ·xa              [out, r]
-//!           dA = s·gᵀ·(x⊙m)          [r, in]
-//!           dX = dy·W0 + s·(g·A)⊙m   [N, in]   only when x needs a gradient
+//! merged-weight path (no dropout mask and N·(in+out) ≥ in·out, see merged_weight_pays):
+//! forward   W' = W0 + s·B·A              [out, in]  (built per call; W0 itself is untouched)
+//!           y  = x·W'ᵀ + b               [N, out]   one GEMM accumulating into the bias
+//! backward  xa = s·x·Aᵀ                  [N, r]
+//!           g  = dy·B                    [N, r]
+//!           dB = dyᵀ·xa                  [out, r]
+//!           dA = s·gᵀ·x                  [r, in]
+//!           dX = dy·W'                   [N, in]    W' rebuilt; only when x needs a gradient
+//!
+//! low-rank path (dropout, or few rows):
+//! forward   xa = s·(x⊙m)·Aᵀ              [N, r]     saved for backward (m = mask or 1)
+//!           y  = x·W0ᵀ + b + xa·Bᵀ       [N, out]   bias written first, both GEMMs accumulate
+//! backward  g  = dy·B,  dB = dyᵀ·xa,  dA = s·gᵀ·(x⊙m)
+//!           dX = dy·W0 + s·(g·A)⊙m       [N, in]    only when x needs a gradient
 //! ```
 //!
+//! Both paths pay an extra cost proportional to r beyond the `N·in·out` GEMM: building `W'`
+//! touches `in·out` elements (`r·in·out` multiply-adds), the low-rank branch touches
+//! `N·(in+out)` (`r·N·(in+out)` multiply-adds, two skinny memory-bound GEMMs re-reading `x` and
+//! `y`); hence the threshold. The merged-weight forward is one GEMM, as fast as a merged layer.
+//!
 //! candle's generic backward would also compute `dW0 = dyᵀ·x` (an `N×out×in` GEMM, as large as
-//! the forward) for the frozen weight and accumulate every gradient through a fresh zero
-//! tensor; this op computes only what is needed. The low-rank path is two skinny GEMMs with the
-//! scale folded into the first; `B·A` is never formed. Tested against the plain tensor path.
+//! the forward) for the frozen weight; this op computes only what is needed, every GEMM straight
+//! through [`gemm_f32`] with strides (a broadcast or transposed `dy` is read in place). The
+//! gradients are fresh tensors that carry no graph. Tested against the plain tensor path.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Storage, Tensor};
 
 use super::gemm::gemm_f32;
+
+/// Rows of `x⊙m` made at a time when dropout is on.
+const MASK_CHUNK: usize = 256;
+
+/// An inverted-dropout mask over the LoRA branch input `[N, in]`: which elements are kept
+/// (1) or dropped (0), and the factor `1/(1−p)` the kept ones are scaled by.
+pub(crate) struct DropMask {
+    /// One byte per input element.
+    pub keep: Vec<u8>,
+    /// `1/(1−p)`.
+    pub scale: f32,
+}
 
 /// The fused LoRA op; build one per forward call.
 pub(crate) struct LoraLinearOp {
@@ -29,9 +57,9 @@ pub(crate) struct LoraLinearOp {
     /// The LoRA scale s.
     pub scale: f32,
     /// Inverted-dropout mask `[N, in]`, if training with dropout.
-    pub mask: Option<Tensor>,
-    /// `s·(x⊙m)·Aᵀ`, saved by the forward for the backward.
-    pub saved_xa: Mutex<Option<Tensor>>,
+    pub mask: Option<DropMask>,
+    /// `s·(x⊙m)·Aᵀ`, saved by the low-rank forward for the backward.
+    pub saved_xa: Mutex<Option<Vec<f32>>>,
 }
 
 /// A frozen linear layer `y = x·W0ᵀ + b` whose backward gives only `dX = dy·W0`.
@@ -40,6 +68,13 @@ pub(crate) struct FrozenLinearOp {
     pub w0: Tensor,
     /// Frozen `[out]`.
     pub bias: Option<Tensor>,
+}
+
+/// Whether the forward builds the merged weight `W0 + s·B·A` for `n` rows rather than running
+/// the low-rank branch: when `n·(in+out) ≥ in·out`, where the rank-r update of the weight costs
+/// no more than the rank-r branch over the rows (see the module doc).
+pub(crate) fn merged_weight_pays(n: usize, inp: usize, out: usize) -> bool {
+    n.saturating_mul(inp.saturating_add(out)) >= inp.saturating_mul(out)
 }
 
 pub(super) fn f32_slice<'a>(
@@ -69,15 +104,38 @@ pub(super) fn with_data<T>(
     }
 }
 
-/// `y = x·W0ᵀ + b` into a new `[n, out]` buffer.
-fn frozen_forward(
+/// Runs `f` on the f32 data of a 2-D CPU tensor of shape `dims`, in place whatever its layout:
+/// the data from the tensor's start offset and its (row, column) strides, which may be 0 (a
+/// broadcast) or transposed. Every element the strides address lies in the slice.
+fn with_strided<T>(
+    t: &Tensor,
+    dims: (usize, usize),
+    what: &str,
+    f: impl FnOnce(&[f32], (usize, usize)) -> candle_core::Result<T>,
+) -> candle_core::Result<T> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(v)) = &*st else {
+        candle_core::bail!("lora op: {what} must be f32 on the CPU");
+    };
+    if l.dims() != [dims.0, dims.1] {
+        candle_core::bail!("lora op: {what} has shape {:?}, want {dims:?}", l.dims());
+    }
+    let &[rs, cs] = l.stride() else {
+        candle_core::bail!("lora op: {what} must be 2-D");
+    };
+    let data = v.get(l.start_offset()..).unwrap_or(&[]);
+    f(data, (rs, cs))
+}
+
+/// `y = x·Wᵀ + b` into a new `[n, out]` buffer, `w` `[out, in]` row-major.
+fn linear_forward(
     x: &[f32],
     n: usize,
     inp: usize,
-    w0: &Tensor,
+    w: &[f32],
+    out: usize,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Vec<f32>> {
-    let out = w0.dim(0)?;
     let mut y = vec![0f32; n * out];
     if let Some(b) = bias {
         with_data(b, "bias", |b| {
@@ -87,23 +145,128 @@ fn frozen_forward(
             Ok(())
         })?;
     }
-    with_data(w0, "W0", |w| {
-        // rhs = W0ᵀ: element (k, j) = w[j·in + k]
-        gemm_f32(
-            n,
-            out,
-            inp,
-            &mut y,
-            bias.is_some(),
-            x,
-            (inp, 1),
-            w,
-            (1, inp),
-            1.0,
-        );
-        Ok(())
-    })?;
+    // rhs = Wᵀ: element (k, j) = w[j·in + k]
+    gemm_f32(
+        n,
+        out,
+        inp,
+        &mut y,
+        bias.is_some(),
+        x,
+        (inp, 1),
+        w,
+        (1, inp),
+        1.0,
+    );
     Ok(y)
+}
+
+/// `W' = W0 + s·B·A` `[out, in]`, a new buffer; `a` `[r, in]`, `b` `[out, r]`.
+fn merged_weight(w0: &Tensor, a: &[f32], b: &[f32], s: f32) -> candle_core::Result<Vec<f32>> {
+    let (out, inp) = w0.dims2()?;
+    let r = a.len() / inp.max(1);
+    let mut w = with_data(w0, "W0", |w| Ok(w.to_vec()))?;
+    gemm_f32(out, inp, r, &mut w, true, b, (r, 1), a, (inp, 1), s);
+    Ok(w)
+}
+
+/// A new `[rows, cols]` CPU tensor.
+fn tensor(v: Vec<f32>, rows: usize, cols: usize) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+}
+
+impl LoraLinearOp {
+    /// `x⊙m` for rows `row0..row0 + rows` of `x: [n, in]` (a chunk: the whole `x⊙m` is never
+    /// built, so dropout costs one byte per input element, not a second copy of `x`).
+    fn masked_rows(&self, x: &[f32], row0: usize, rows: usize, inp: usize) -> Vec<f32> {
+        let range = row0 * inp..(row0 + rows) * inp;
+        match &self.mask {
+            Some(m) => x[range.clone()]
+                .iter()
+                .zip(&m.keep[range])
+                .map(|(x, &k)| if k != 0 { x * m.scale } else { 0.0 })
+                .collect(),
+            None => x[range].to_vec(),
+        }
+    }
+
+    /// `xa = s·(x⊙m)·Aᵀ` `[n, r]`, the masked rows made [`MASK_CHUNK`] at a time.
+    fn xa(&self, x: &[f32], a: &[f32], n: usize, inp: usize, r: usize) -> Vec<f32> {
+        let mut xa = vec![0f32; n * r];
+        // rhs = Aᵀ: element (k, j) = a[j·in + k]
+        if self.mask.is_none() {
+            gemm_f32(
+                n,
+                r,
+                inp,
+                &mut xa,
+                false,
+                x,
+                (inp, 1),
+                a,
+                (1, inp),
+                self.scale,
+            );
+            return xa;
+        }
+        for row0 in (0..n).step_by(MASK_CHUNK) {
+            let rows = MASK_CHUNK.min(n - row0);
+            let xd = self.masked_rows(x, row0, rows, inp);
+            let dst = &mut xa[row0 * r..(row0 + rows) * r];
+            gemm_f32(
+                rows,
+                r,
+                inp,
+                dst,
+                false,
+                &xd,
+                (inp, 1),
+                a,
+                (1, inp),
+                self.scale,
+            );
+        }
+        xa
+    }
+
+    /// `dA = s·gᵀ·(x⊙m)` `[r, in]` for `g: [n, r]`, the masked rows made a chunk at a time.
+    fn da(&self, g: &[f32], x: &[f32], n: usize, inp: usize, r: usize) -> Vec<f32> {
+        let mut da = vec![0f32; r * inp];
+        // lhs = gᵀ: element (j, k) = g[k·r + j]
+        if self.mask.is_none() {
+            gemm_f32(
+                r,
+                inp,
+                n,
+                &mut da,
+                false,
+                g,
+                (1, r),
+                x,
+                (inp, 1),
+                self.scale,
+            );
+            return da;
+        }
+        for row0 in (0..n).step_by(MASK_CHUNK) {
+            let rows = MASK_CHUNK.min(n - row0);
+            let xd = self.masked_rows(x, row0, rows, inp);
+            let gc = &g[row0 * r..(row0 + rows) * r];
+            gemm_f32(
+                r,
+                inp,
+                rows,
+                &mut da,
+                row0 > 0,
+                gc,
+                (1, r),
+                &xd,
+                (inp, 1),
+                self.scale,
+            );
+        }
+        da
+    }
 }
 
 impl CustomOp3 for LoraLinearOp {
@@ -126,35 +289,18 @@ impl CustomOp3 for LoraLinearOp {
         let (n, inp) = l1.shape().dims2()?;
         let r = l2.shape().dims2()?.0;
         let out = l3.shape().dims2()?.0;
-        let masked;
-        let xd: &[f32] = match &self.mask {
-            Some(m) => {
-                masked = with_data(m, "mask", |m| {
-                    Ok(x.iter().zip(m).map(|(x, m)| x * m).collect::<Vec<f32>>())
-                })?;
-                &masked
-            }
-            None => x,
-        };
-        let mut xa = vec![0f32; n * r];
-        // rhs = Aᵀ: element (k, j) = a[j·in + k]
-        gemm_f32(
-            n,
-            r,
-            inp,
-            &mut xa,
-            false,
-            xd,
-            (inp, 1),
-            a,
-            (1, inp),
-            self.scale,
-        );
-        let mut y = frozen_forward(x, n, inp, &self.w0, self.bias.as_ref())?;
+        if self.mask.is_none() && merged_weight_pays(n, inp, out) {
+            let w = merged_weight(&self.w0, a, b, self.scale)?;
+            let y = linear_forward(x, n, inp, &w, out, self.bias.as_ref())?;
+            return Ok((CpuStorage::F32(y), Shape::from((n, out))));
+        }
+        let xa = self.xa(x, a, n, inp, r);
+        let mut y = with_data(&self.w0, "W0", |w| {
+            linear_forward(x, n, inp, w, out, self.bias.as_ref())
+        })?;
         // rhs = Bᵀ: element (k, j) = b[j·r + k]
         gemm_f32(n, out, r, &mut y, true, &xa, (r, 1), b, (1, r), 1.0);
-        let saved = Tensor::from_vec(xa, (n, r), &Device::Cpu)?;
-        *self.saved_xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        *self.saved_xa.lock().unwrap_or_else(|e| e.into_inner()) = Some(xa);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -166,39 +312,124 @@ impl CustomOp3 for LoraLinearOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let x_tracks = x.track_op();
-        // Detached inputs: the gradients must not carry a graph. A and B are variables and x
-        // holds the whole forward graph; a gradient built from them would keep every
-        // activation alive for as long as the gradient (or optimizer state made from it) lives.
-        let (x, a, b) = (&x.detach(), &a.detach(), &b.detach());
-        let dy = dy.detach().contiguous()?;
-        let xd = match &self.mask {
-            Some(m) => x.mul(m)?,
-            None => x.clone(),
-        };
+        // The gradients below are fresh tensors built from buffers, so they carry no graph: a
+        // gradient built from A, B (variables) or x (the whole forward graph) would keep every
+        // activation alive for as long as the gradient, or optimizer state made from it, lives.
+        let (n, inp) = x.dims2()?;
+        let (r, out) = (a.dim(0)?, b.dim(0)?);
+        let s = self.scale;
         let saved = self
             .saved_xa
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let xa = match saved {
-            Some(xa) => xa,
-            None => (xd.matmul(&a.t()?)? * self.scale as f64)?,
-        };
-        let g = dy.matmul(b)?; // [N, r]
-        let db = dy.t()?.matmul(&xa)?; // [out, r]
-        let da = (g.t()?.matmul(&xd)? * self.scale as f64)?; // [r, in]
-        let dx = if x_tracks {
-            let low = (g.matmul(a)? * self.scale as f64)?; // [N, in]
-            let low = match &self.mask {
-                Some(m) => low.mul(m)?,
-                None => low,
-            };
-            Some((dy.matmul(&self.w0)? + low)?)
-        } else {
-            None
-        };
-        Ok((dx, Some(da), Some(db)))
+            .take();
+        let merged = self.mask.is_none() && merged_weight_pays(n, inp, out);
+        let x_tracks = x.track_op();
+        let x = x.contiguous()?;
+        with_data(&x, "x", |x| {
+            with_data(a, "lora_A", |a_| {
+                with_data(b, "lora_B", |b_| {
+                    with_strided(dy, (n, out), "dy", |dy, (rs, cs)| {
+                        // g = dy·B [n, r]
+                        let mut g = vec![0f32; n * r];
+                        gemm_f32(n, r, out, &mut g, false, dy, (rs, cs), b_, (r, 1), 1.0);
+                        let db = if b.track_op() {
+                            let xa = match saved {
+                                Some(xa) => xa,
+                                None => self.xa(x, a_, n, inp, r),
+                            };
+                            // dB = dyᵀ·xa [out, r]: lhs element (o, k) = dy[k·rs + o·cs]
+                            let mut db = vec![0f32; out * r];
+                            gemm_f32(out, r, n, &mut db, false, dy, (cs, rs), &xa, (r, 1), 1.0);
+                            Some(tensor(db, out, r)?)
+                        } else {
+                            None
+                        };
+                        let da = if a.track_op() {
+                            // dA = s·gᵀ·(x⊙m) [r, in]
+                            let da = self.da(&g, x, n, inp, r);
+                            Some(tensor(da, r, inp)?)
+                        } else {
+                            None
+                        };
+                        let dx = if x_tracks {
+                            let mut dx = vec![0f32; n * inp];
+                            if merged {
+                                // dX = dy·W'
+                                let w = merged_weight(&self.w0, a_, b_, s)?;
+                                gemm_f32(
+                                    n,
+                                    inp,
+                                    out,
+                                    &mut dx,
+                                    false,
+                                    dy,
+                                    (rs, cs),
+                                    &w,
+                                    (inp, 1),
+                                    1.0,
+                                );
+                            } else {
+                                // dX = dy·W0 + s·(g·A)⊙m
+                                with_data(&self.w0, "W0", |w| {
+                                    gemm_f32(
+                                        n,
+                                        inp,
+                                        out,
+                                        &mut dx,
+                                        false,
+                                        dy,
+                                        (rs, cs),
+                                        w,
+                                        (inp, 1),
+                                        1.0,
+                                    );
+                                    Ok(())
+                                })?;
+                                match &self.mask {
+                                    None => gemm_f32(
+                                        n,
+                                        inp,
+                                        r,
+                                        &mut dx,
+                                        true,
+                                        &g,
+                                        (r, 1),
+                                        a_,
+                                        (inp, 1),
+                                        s,
+                                    ),
+                                    Some(m) => {
+                                        let mut low = vec![0f32; n * inp];
+                                        gemm_f32(
+                                            n,
+                                            inp,
+                                            r,
+                                            &mut low,
+                                            false,
+                                            &g,
+                                            (r, 1),
+                                            a_,
+                                            (inp, 1),
+                                            s,
+                                        );
+                                        for ((d, l), &k) in dx.iter_mut().zip(&low).zip(&m.keep) {
+                                            if k != 0 {
+                                                *d += l * m.scale;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                            Some(tensor(dx, n, inp)?)
+                        } else {
+                            None
+                        };
+                        Ok((dx, da, db))
+                    })
+                })
+            })
+        })
     }
 }
 
@@ -210,12 +441,25 @@ impl CustomOp1 for FrozenLinearOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "x")?;
         let (n, inp) = l.shape().dims2()?;
-        let y = frozen_forward(x, n, inp, &self.w0, self.bias.as_ref())?;
-        Ok((CpuStorage::F32(y), Shape::from((n, self.w0.dim(0)?))))
+        let out = self.w0.dim(0)?;
+        let y = with_data(&self.w0, "W0", |w| {
+            linear_forward(x, n, inp, w, out, self.bias.as_ref())
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(dy.contiguous()?.matmul(&self.w0)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, inp) = x.dims2()?;
+        let out = self.w0.dim(0)?;
+        // dX = dy·W0, dy read in place whatever its strides.
+        let dx = with_data(&self.w0, "W0", |w| {
+            with_strided(dy, (n, out), "dy", |dy, st| {
+                let mut dx = vec![0f32; n * inp];
+                gemm_f32(n, inp, out, &mut dx, false, dy, st, w, (inp, 1), 1.0);
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(tensor(dx, n, inp)?))
     }
 }
 
@@ -225,40 +469,104 @@ mod tests {
     use crate::ops::testing::{assert_close, rand_tensor};
     use candle_core::Var;
 
-    /// The gradients match the plain path and carry no graph: a gradient that tracked ops
-    /// would keep the forward activations (and, through optimizer state built from it, every
-    /// earlier step's) alive.
-    #[test]
-    fn gradients_match_the_plain_path_and_are_detached() {
-        let x = Var::from_tensor(&rand_tensor(&[6, 5], 1)).unwrap();
-        let w0 = rand_tensor(&[4, 5], 2);
-        let a = Var::from_tensor(&rand_tensor(&[2, 5], 3)).unwrap();
-        let b = Var::from_tensor(&rand_tensor(&[4, 2], 4)).unwrap();
-        let h = (x.as_tensor() * 2.0).unwrap(); // an op between the leaf and the layer
-        let op = LoraLinearOp {
+    fn op(w0: &Tensor, bias: Option<&Tensor>) -> LoraLinearOp {
+        LoraLinearOp {
             w0: w0.clone(),
-            bias: None,
+            bias: bias.cloned(),
             scale: 0.5,
             mask: None,
             saved_xa: Default::default(),
-        };
-        let y = h.apply_op3(a.as_tensor(), b.as_tensor(), op).unwrap();
-        let want = (h.matmul(&w0.t().unwrap()).unwrap()
-            + (h.matmul(&a.as_tensor().t().unwrap()).unwrap() * 0.5)
-                .unwrap()
-                .matmul(&b.as_tensor().t().unwrap())
-                .unwrap())
-        .unwrap();
-        assert_close(&y, &want, 1e-6);
-        let up = rand_tensor(&[6, 4], 5);
-        let g1 = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        for v in [&x, &a, &b] {
-            let g = g1.get(v.as_tensor()).unwrap();
-            assert_close(g, g2.get(v.as_tensor()).unwrap(), 1e-5);
         }
-        for v in [&a, &b] {
-            assert!(!g1.get(v.as_tensor()).unwrap().track_op());
+    }
+
+    /// The gradients match the plain path and carry no graph: a gradient that tracked ops
+    /// would keep the forward activations (and, through optimizer state built from it, every
+    /// earlier step's) alive. Both forward paths (W0 [4, 5]: the merged weight from
+    /// 4·5 / (4 + 5) ≈ 2.2 rows), with and without bias; tolerance 1e-5 relative.
+    #[test]
+    fn gradients_match_the_plain_path_and_are_detached() {
+        for (rows, merged) in [(6, true), (3, true), (2, false)] {
+            assert_eq!(merged_weight_pays(rows, 5, 4), merged);
+            for with_bias in [false, true] {
+                let x = Var::from_tensor(&rand_tensor(&[rows, 5], 1)).unwrap();
+                let w0 = rand_tensor(&[4, 5], 2);
+                let a = Var::from_tensor(&rand_tensor(&[2, 5], 3)).unwrap();
+                let b = Var::from_tensor(&rand_tensor(&[4, 2], 4)).unwrap();
+                let bias = with_bias.then(|| rand_tensor(&[4], 6));
+                let h = (x.as_tensor() * 2.0).unwrap(); // an op between the leaf and the layer
+                let y = h
+                    .apply_op3(a.as_tensor(), b.as_tensor(), op(&w0, bias.as_ref()))
+                    .unwrap();
+                let mut want = (h.matmul(&w0.t().unwrap()).unwrap()
+                    + (h.matmul(&a.as_tensor().t().unwrap()).unwrap() * 0.5)
+                        .unwrap()
+                        .matmul(&b.as_tensor().t().unwrap())
+                        .unwrap())
+                .unwrap();
+                if let Some(bias) = &bias {
+                    want = want.broadcast_add(bias).unwrap();
+                }
+                assert_close(&y, &want, 1e-5);
+                let up = rand_tensor(&[rows, 4], 5);
+                let g1 = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                for v in [&x, &a, &b] {
+                    let g = g1.get(v.as_tensor()).unwrap();
+                    assert_close(g, g2.get(v.as_tensor()).unwrap(), 1e-5);
+                    assert!(!g.track_op());
+                }
+            }
         }
+    }
+
+    /// The backward reads a broadcast (stride 0) or transposed `dy` in place, with the same
+    /// result as the contiguous copy (1e-6 relative), on both paths and with a dropout mask.
+    #[test]
+    fn backward_reads_strided_dy_in_place() {
+        let (inp, out) = (12, 10); // the merged weight from 120 / 22 ≈ 5.5 rows
+        for (rows, masked) in [(3, false), (40, false), (40, true)] {
+            let x = Var::from_tensor(&rand_tensor(&[rows, inp], 1)).unwrap();
+            let w0 = rand_tensor(&[out, inp], 2);
+            let a = Var::from_tensor(&rand_tensor(&[2, inp], 3)).unwrap();
+            let b = Var::from_tensor(&rand_tensor(&[out, 2], 4)).unwrap();
+            let mut lop = op(&w0, None);
+            if masked {
+                let m = rand_tensor(&[rows, inp], 7).ge(0.0).unwrap();
+                let keep = m.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+                lop.mask = Some(DropMask { keep, scale: 2.0 });
+            }
+            let y = x
+                .as_tensor()
+                .apply_op3(a.as_tensor(), b.as_tensor(), op(&w0, None))
+                .unwrap();
+            let scalar = Tensor::new(0.7f32, &Device::Cpu).unwrap();
+            let row = rand_tensor(&[1, out], 8);
+            let col = rand_tensor(&[rows, 1], 9);
+            let dys = [
+                scalar.broadcast_as((rows, out)).unwrap(),
+                row.broadcast_as((rows, out)).unwrap(),
+                col.broadcast_as((rows, out)).unwrap(),
+                rand_tensor(&[out, rows], 10).t().unwrap(),
+            ];
+            for dy in dys {
+                assert!(!dy.is_contiguous());
+                let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+                let got = lop.bwd(xt, at, bt, &y, &dy).unwrap();
+                let want = lop.bwd(xt, at, bt, &y, &dy.contiguous().unwrap()).unwrap();
+                for (g, w) in [(got.0, want.0), (got.1, want.1), (got.2, want.2)] {
+                    assert_close(&g.unwrap(), &w.unwrap(), 1e-6);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn merged_weight_threshold() {
+        // The layer benchmark's shape: 768 → 512, threshold 768·512 / 1280 = 307.2 rows.
+        assert!(!merged_weight_pays(307, 768, 512));
+        assert!(merged_weight_pays(308, 768, 512));
+        assert!(merged_weight_pays(4096, 768, 512));
+        assert!(!merged_weight_pays(0, 768, 512));
+        assert!(merged_weight_pays(usize::MAX, usize::MAX, 2));
     }
 }

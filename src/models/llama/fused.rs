@@ -1179,15 +1179,7 @@ mod tests {
         assert_eq!(fused.grads.len(), vars.len());
         for (v, got) in &fused.grads {
             let want = g.get(v.as_tensor()).unwrap();
-            let diff: f32 = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let (diff, scale) = crate::ops::testing::diff_and_scale(got, want);
             assert!(scale > 0.0);
             assert!(
                 diff <= 1e-5 * scale,

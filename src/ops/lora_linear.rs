@@ -16,7 +16,7 @@
 //! low-rank path (dropout, or few rows):
 //! forward   xa = s·(x⊙m)·Aᵀ              [N, r]     saved for backward (m = mask or 1)
 //!           y  = x·W0ᵀ + b + xa·Bᵀ       [N, out]   bias written first, both GEMMs accumulate
-//! backward  g  = dy·B,  dB = dyᵀ·xa,  dA = s·gᵀ·(x⊙m)
+//! backward  g  = dy·B,  dB = dyᵀ·xa (xa as saved),  dA = s·gᵀ·(x⊙m)
 //!           dX = dy·W0 + s·(g·A)⊙m       [N, in]    only when x needs a gradient
 //! ```
 //!
@@ -25,19 +25,30 @@
 //! `N·(in+out)` (`r·N·(in+out)` multiply-adds, two skinny memory-bound GEMMs re-reading `x` and
 //! `y`); hence the threshold. The merged-weight forward is one GEMM, as fast as a merged layer.
 //!
+//! The backward's four skinny products (`xa` when not saved, `g`, `dB`, `dA`) run in one pass
+//! over the rows: each thread takes its share of the rows in blocks, and all four read the
+//! block's rows of `x⊙m` and `dy` while they are in cache, instead of four passes over `x` and
+//! `dy` from memory; `dX` is one full-size GEMM. Large outputs are written by their GEMM
+//! without a zero fill first.
+//!
 //! candle's generic backward would also compute `dW0 = dyᵀ·x` (an `N×out×in` GEMM, as large as
 //! the forward) for the frozen weight; this op computes only what is needed, every GEMM straight
-//! through [`gemm_f32`] with strides (a broadcast or transposed `dy` is read in place). The
+//! through the `gemm` crate with strides (a broadcast or transposed `dy` is read in place). The
 //! gradients are fresh tensors that carry no graph. Tested against the plain tensor path.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
-use super::gemm::gemm_f32;
+use super::gemm::{gemm_f32, gemm_f32_new, gemm_f32_serial};
 
 /// Rows of `x⊙m` made at a time when dropout is on.
 const MASK_CHUNK: usize = 256;
+
+/// Rows per block of the backward's low-rank pass: a block's rows of `x` (or `x⊙m`) and `dy`
+/// stay in cache across the four skinny products that read them.
+const BWD_BLOCK: usize = 128;
 
 /// An inverted-dropout mask over the LoRA branch input `[N, in]`: which elements are kept
 /// (1) or dropped (0), and the factor `1/(1−p)` the kept ones are scaled by.
@@ -136,28 +147,17 @@ fn linear_forward(
     out: usize,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Vec<f32>> {
-    let mut y = vec![0f32; n * out];
-    if let Some(b) = bias {
-        with_data(b, "bias", |b| {
-            for row in y.chunks_exact_mut(out) {
-                row.copy_from_slice(b);
-            }
-            Ok(())
-        })?;
-    }
     // rhs = Wᵀ: element (k, j) = w[j·in + k]
-    gemm_f32(
-        n,
-        out,
-        inp,
-        &mut y,
-        bias.is_some(),
-        x,
-        (inp, 1),
-        w,
-        (1, inp),
-        1.0,
-    );
+    let Some(bias) = bias else {
+        return Ok(gemm_f32_new(n, out, inp, x, (inp, 1), w, (1, inp), 1.0));
+    };
+    // The bias rows written first (no zero fill), then the product accumulates into them.
+    let mut y = Vec::with_capacity(n * out);
+    with_data(bias, "bias", |b| {
+        (0..n).for_each(|_| y.extend_from_slice(b));
+        Ok(())
+    })?;
+    gemm_f32(n, out, inp, &mut y, true, x, (inp, 1), w, (1, inp), 1.0);
     Ok(y)
 }
 
@@ -179,14 +179,31 @@ impl LoraLinearOp {
     /// `x⊙m` for rows `row0..row0 + rows` of `x: [n, in]` (a chunk: the whole `x⊙m` is never
     /// built, so dropout costs one byte per input element, not a second copy of `x`).
     fn masked_rows(&self, x: &[f32], row0: usize, rows: usize, inp: usize) -> Vec<f32> {
+        let mut buf = Vec::new();
+        self.masked_rows_into(x, row0, rows, inp, &mut buf);
+        buf
+    }
+
+    /// [`Self::masked_rows`] into a reused buffer.
+    fn masked_rows_into(
+        &self,
+        x: &[f32],
+        row0: usize,
+        rows: usize,
+        inp: usize,
+        buf: &mut Vec<f32>,
+    ) {
         let range = row0 * inp..(row0 + rows) * inp;
+        buf.clear();
         match &self.mask {
-            Some(m) => x[range.clone()]
-                .iter()
-                .zip(&m.keep[range])
-                .map(|(x, &k)| if k != 0 { x * m.scale } else { 0.0 })
-                .collect(),
-            None => x[range].to_vec(),
+            Some(m) => buf.extend(x[range.clone()].iter().zip(&m.keep[range]).map(|(x, &k)| {
+                if k != 0 {
+                    x * m.scale
+                } else {
+                    0.0
+                }
+            })),
+            None => buf.extend_from_slice(&x[range]),
         }
     }
 
@@ -229,43 +246,79 @@ impl LoraLinearOp {
         xa
     }
 
-    /// `dA = s·gᵀ·(x⊙m)` `[r, in]` for `g: [n, r]`, the masked rows made a chunk at a time.
-    fn da(&self, g: &[f32], x: &[f32], n: usize, inp: usize, r: usize) -> Vec<f32> {
-        let mut da = vec![0f32; r * inp];
-        // lhs = gᵀ: element (j, k) = g[k·r + j]
-        if self.mask.is_none() {
-            gemm_f32(
-                r,
-                inp,
-                n,
-                &mut da,
-                false,
-                g,
-                (1, r),
-                x,
-                (inp, 1),
-                self.scale,
-            );
-            return da;
+    /// `g = dy·B` `[n, r]`, and `dA = s·gᵀ·(x⊙m)` `[r, in]` and `dB = dyᵀ·xa` `[out, r]` when
+    /// asked for (else empty), in one pass over the rows: each thread takes its share of the
+    /// rows in blocks of [`BWD_BLOCK`], and every product of a block reads the block's `x⊙m`
+    /// and `dy` rows from cache; the threads' partial `dA`, `dB` are summed at the end. `xa` is
+    /// the forward's when saved, else made per block.
+    #[allow(clippy::too_many_arguments)]
+    fn low_rank_grads(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        (rs, cs): (usize, usize),
+        a: &[f32],
+        b: &[f32],
+        saved_xa: Option<&[f32]>,
+        (n, inp, out, r): (usize, usize, usize, usize),
+        (need_da, need_db): (bool, bool),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = self.scale;
+        let mut g = vec![0f32; n * r];
+        let da_len = if need_da { r * inp } else { 0 };
+        let db_len = if need_db { out * r } else { 0 };
+        let (mut da, mut db) = (vec![0f32; da_len], vec![0f32; db_len]);
+        if n == 0 || r == 0 {
+            return (g, da, db);
         }
-        for row0 in (0..n).step_by(MASK_CHUNK) {
-            let rows = MASK_CHUNK.min(n - row0);
-            let xd = self.masked_rows(x, row0, rows, inp);
-            let gc = &g[row0 * r..(row0 + rows) * r];
-            gemm_f32(
-                r,
-                inp,
-                rows,
-                &mut da,
-                row0 > 0,
-                gc,
-                (1, r),
-                &xd,
-                (inp, 1),
-                self.scale,
-            );
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let rows_per = n.div_ceil(threads.min(n.div_ceil(BWD_BLOCK)));
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = g
+            .par_chunks_mut(rows_per * r)
+            .enumerate()
+            .map(|(part, g_part)| {
+                let (mut da, mut db) = (vec![0f32; da_len], vec![0f32; db_len]);
+                let (mut xd_buf, mut xa_buf) = (Vec::new(), vec![0f32; BWD_BLOCK * r]);
+                let part_rows = g_part.len() / r;
+                for b0 in (0..part_rows).step_by(BWD_BLOCK) {
+                    let m = BWD_BLOCK.min(part_rows - b0);
+                    let row0 = part * rows_per + b0;
+                    // dy rows from row0: element (i, j) = dy_b[i·rs + j·cs]
+                    let dy_b = &dy[row0 * rs..];
+                    let g_b = &mut g_part[b0 * r..(b0 + m) * r];
+                    gemm_f32_serial(m, r, out, g_b, false, dy_b, (rs, cs), b, (r, 1), 1.0);
+                    let xd: &[f32] = if self.mask.is_some() {
+                        self.masked_rows_into(x, row0, m, inp, &mut xd_buf);
+                        &xd_buf
+                    } else {
+                        &x[row0 * inp..(row0 + m) * inp]
+                    };
+                    if need_db {
+                        let xa: &[f32] = match saved_xa {
+                            Some(xa) => &xa[row0 * r..(row0 + m) * r],
+                            None => {
+                                // xa = s·xd·Aᵀ: rhs element (k, j) = a[j·in + k]
+                                let xa = &mut xa_buf[..m * r];
+                                gemm_f32_serial(m, r, inp, xa, false, xd, (inp, 1), a, (1, inp), s);
+                                xa
+                            }
+                        };
+                        // dB += dyᵀ·xa: lhs element (o, k) = dy_b[k·rs + o·cs]
+                        gemm_f32_serial(out, r, m, &mut db, true, dy_b, (cs, rs), xa, (r, 1), 1.0);
+                    }
+                    if need_da {
+                        // dA += s·gᵀ·xd: lhs element (j, k) = g_b[k·r + j]
+                        gemm_f32_serial(r, inp, m, &mut da, true, g_b, (1, r), xd, (inp, 1), s);
+                    }
+                }
+                (da, db)
+            })
+            .collect();
+        for (pa, pb) in partials {
+            da.iter_mut().zip(&pa).for_each(|(d, p)| *d += p);
+            db.iter_mut().zip(&pb).for_each(|(d, p)| *d += p);
         }
-        da
+        (g, da, db)
     }
 }
 
@@ -330,62 +383,29 @@ impl CustomOp3 for LoraLinearOp {
             with_data(a, "lora_A", |a_| {
                 with_data(b, "lora_B", |b_| {
                     with_strided(dy, (n, out), "dy", |dy, (rs, cs)| {
-                        // g = dy·B [n, r]
-                        let mut g = vec![0f32; n * r];
-                        gemm_f32(n, r, out, &mut g, false, dy, (rs, cs), b_, (r, 1), 1.0);
-                        let db = if b.track_op() {
-                            let xa = match saved {
-                                Some(xa) => xa,
-                                None => self.xa(x, a_, n, inp, r),
-                            };
-                            // dB = dyᵀ·xa [out, r]: lhs element (o, k) = dy[k·rs + o·cs]
-                            let mut db = vec![0f32; out * r];
-                            gemm_f32(out, r, n, &mut db, false, dy, (cs, rs), &xa, (r, 1), 1.0);
-                            Some(tensor(db, out, r)?)
-                        } else {
-                            None
-                        };
-                        let da = if a.track_op() {
-                            // dA = s·gᵀ·(x⊙m) [r, in]
-                            let da = self.da(&g, x, n, inp, r);
-                            Some(tensor(da, r, inp)?)
-                        } else {
-                            None
-                        };
+                        let (need_da, need_db) = (a.track_op(), b.track_op());
+                        let (g, da, db) = self.low_rank_grads(
+                            x,
+                            dy,
+                            (rs, cs),
+                            a_,
+                            b_,
+                            saved.as_deref(),
+                            (n, inp, out, r),
+                            (need_da, need_db),
+                        );
+                        let db = need_db.then(|| tensor(db, out, r)).transpose()?;
+                        let da = need_da.then(|| tensor(da, r, inp)).transpose()?;
                         let dx = if x_tracks {
-                            let mut dx = vec![0f32; n * inp];
-                            if merged {
+                            let dx_of = |w: &[f32]| {
+                                gemm_f32_new(n, inp, out, dy, (rs, cs), w, (inp, 1), 1.0)
+                            };
+                            let dx = if merged {
                                 // dX = dy·W'
-                                let w = merged_weight(&self.w0, a_, b_, s)?;
-                                gemm_f32(
-                                    n,
-                                    inp,
-                                    out,
-                                    &mut dx,
-                                    false,
-                                    dy,
-                                    (rs, cs),
-                                    &w,
-                                    (inp, 1),
-                                    1.0,
-                                );
+                                dx_of(&merged_weight(&self.w0, a_, b_, s)?)
                             } else {
                                 // dX = dy·W0 + s·(g·A)⊙m
-                                with_data(&self.w0, "W0", |w| {
-                                    gemm_f32(
-                                        n,
-                                        inp,
-                                        out,
-                                        &mut dx,
-                                        false,
-                                        dy,
-                                        (rs, cs),
-                                        w,
-                                        (inp, 1),
-                                        1.0,
-                                    );
-                                    Ok(())
-                                })?;
+                                let mut dx = with_data(&self.w0, "W0", |w| Ok(dx_of(w)))?;
                                 match &self.mask {
                                     None => gemm_f32(
                                         n,
@@ -400,19 +420,8 @@ impl CustomOp3 for LoraLinearOp {
                                         s,
                                     ),
                                     Some(m) => {
-                                        let mut low = vec![0f32; n * inp];
-                                        gemm_f32(
-                                            n,
-                                            inp,
-                                            r,
-                                            &mut low,
-                                            false,
-                                            &g,
-                                            (r, 1),
-                                            a_,
-                                            (inp, 1),
-                                            s,
-                                        );
+                                        let low =
+                                            gemm_f32_new(n, inp, r, &g, (r, 1), a_, (inp, 1), s);
                                         for ((d, l), &k) in dx.iter_mut().zip(&low).zip(&m.keep) {
                                             if k != 0 {
                                                 *d += l * m.scale;
@@ -420,7 +429,8 @@ impl CustomOp3 for LoraLinearOp {
                                         }
                                     }
                                 }
-                            }
+                                dx
+                            };
                             Some(tensor(dx, n, inp)?)
                         } else {
                             None
@@ -454,9 +464,7 @@ impl CustomOp1 for FrozenLinearOp {
         // dX = dy·W0, dy read in place whatever its strides.
         let dx = with_data(&self.w0, "W0", |w| {
             with_strided(dy, (n, out), "dy", |dy, st| {
-                let mut dx = vec![0f32; n * inp];
-                gemm_f32(n, inp, out, &mut dx, false, dy, st, w, (inp, 1), 1.0);
-                Ok(dx)
+                Ok(gemm_f32_new(n, inp, out, dy, st, w, (inp, 1), 1.0))
             })
         })?;
         Ok(Some(tensor(dx, n, inp)?))
@@ -482,10 +490,11 @@ mod tests {
     /// The gradients match the plain path and carry no graph: a gradient that tracked ops
     /// would keep the forward activations (and, through optimizer state built from it, every
     /// earlier step's) alive. Both forward paths (W0 [4, 5]: the merged weight from
-    /// 4·5 / (4 + 5) ≈ 2.2 rows), with and without bias; tolerance 1e-5 relative.
+    /// 4·5 / (4 + 5) ≈ 2.2 rows), with and without bias, and rows spanning several backward
+    /// blocks and threads (301); tolerance 1e-5 relative.
     #[test]
     fn gradients_match_the_plain_path_and_are_detached() {
-        for (rows, merged) in [(6, true), (3, true), (2, false)] {
+        for (rows, merged) in [(6, true), (3, true), (2, false), (301, true)] {
             assert_eq!(merged_weight_pays(rows, 5, 4), merged);
             for with_bias in [false, true] {
                 let x = Var::from_tensor(&rand_tensor(&[rows, 5], 1)).unwrap();
@@ -524,7 +533,13 @@ mod tests {
     #[test]
     fn backward_reads_strided_dy_in_place() {
         let (inp, out) = (12, 10); // the merged weight from 120 / 22 ≈ 5.5 rows
-        for (rows, masked) in [(3, false), (40, false), (40, true)] {
+        for (rows, masked) in [
+            (3, false),
+            (40, false),
+            (40, true),
+            (301, false),
+            (301, true),
+        ] {
             let x = Var::from_tensor(&rand_tensor(&[rows, inp], 1)).unwrap();
             let w0 = rand_tensor(&[out, inp], 2);
             let a = Var::from_tensor(&rand_tensor(&[2, inp], 3)).unwrap();

@@ -42,6 +42,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Stora
 use rayon::prelude::*;
 
 use super::gemm::{gemm_f32, gemm_f32_new, gemm_f32_serial};
+use super::skinny;
 
 /// Rows of `x⊙m` made at a time when dropout is on.
 const MASK_CHUNK: usize = 256;
@@ -273,6 +274,14 @@ impl LoraLinearOp {
         }
         let threads = candle_core::utils::get_num_threads().max(1);
         let rows_per = n.div_ceil(threads.min(n.div_ceil(BWD_BLOCK)));
+        // The skinny-product kernels need dy's columns contiguous; they keep dB transposed
+        // (`[r, out]`) and read `Bᵀ` (`[r, out]`).
+        let fast = cs == 1 && skinny::available();
+        let bt: Vec<f32> = if fast {
+            (0..r * out).map(|q| b[(q % out) * r + q / out]).collect()
+        } else {
+            Vec::new()
+        };
         let partials: Vec<(Vec<f32>, Vec<f32>)> = g
             .par_chunks_mut(rows_per * r)
             .enumerate()
@@ -286,7 +295,11 @@ impl LoraLinearOp {
                     // dy rows from row0: element (i, j) = dy_b[i·rs + j·cs]
                     let dy_b = &dy[row0 * rs..];
                     let g_b = &mut g_part[b0 * r..(b0 + m) * r];
-                    gemm_f32_serial(m, r, out, g_b, false, dy_b, (rs, cs), b, (r, 1), 1.0);
+                    if fast {
+                        skinny::dots((m, r, out), dy_b, rs, &bt, out, 1.0, g_b);
+                    } else {
+                        gemm_f32_serial(m, r, out, g_b, false, dy_b, (rs, cs), b, (r, 1), 1.0);
+                    }
                     let xd: &[f32] = if self.mask.is_some() {
                         self.masked_rows_into(x, row0, m, inp, &mut xd_buf);
                         &xd_buf
@@ -299,16 +312,51 @@ impl LoraLinearOp {
                             None => {
                                 // xa = s·xd·Aᵀ: rhs element (k, j) = a[j·in + k]
                                 let xa = &mut xa_buf[..m * r];
-                                gemm_f32_serial(m, r, inp, xa, false, xd, (inp, 1), a, (1, inp), s);
+                                if fast {
+                                    skinny::dots((m, r, inp), xd, inp, a, inp, s, xa);
+                                } else {
+                                    gemm_f32_serial(
+                                        m,
+                                        r,
+                                        inp,
+                                        xa,
+                                        false,
+                                        xd,
+                                        (inp, 1),
+                                        a,
+                                        (1, inp),
+                                        s,
+                                    );
+                                }
                                 xa
                             }
                         };
-                        // dB += dyᵀ·xa: lhs element (o, k) = dy_b[k·rs + o·cs]
-                        gemm_f32_serial(out, r, m, &mut db, true, dy_b, (cs, rs), xa, (r, 1), 1.0);
+                        if fast {
+                            // dBᵀ += xaᵀ·dy
+                            skinny::rank_update((m, r, out), xa, r, dy_b, rs, 1.0, &mut db, out);
+                        } else {
+                            // dB += dyᵀ·xa: lhs element (o, k) = dy_b[k·rs + o·cs]
+                            gemm_f32_serial(
+                                out,
+                                r,
+                                m,
+                                &mut db,
+                                true,
+                                dy_b,
+                                (cs, rs),
+                                xa,
+                                (r, 1),
+                                1.0,
+                            );
+                        }
                     }
                     if need_da {
                         // dA += s·gᵀ·xd: lhs element (j, k) = g_b[k·r + j]
-                        gemm_f32_serial(r, inp, m, &mut da, true, g_b, (1, r), xd, (inp, 1), s);
+                        if fast {
+                            skinny::rank_update((m, r, inp), g_b, r, xd, inp, s, &mut da, inp);
+                        } else {
+                            gemm_f32_serial(r, inp, m, &mut da, true, g_b, (1, r), xd, (inp, 1), s);
+                        }
                     }
                 }
                 (da, db)
@@ -317,6 +365,10 @@ impl LoraLinearOp {
         for (pa, pb) in partials {
             da.iter_mut().zip(&pa).for_each(|(d, p)| *d += p);
             db.iter_mut().zip(&pb).for_each(|(d, p)| *d += p);
+        }
+        if fast && need_db {
+            // dBᵀ [r, out] → dB [out, r]
+            db = (0..out * r).map(|q| db[(q % r) * out + q / r]).collect();
         }
         (g, da, db)
     }

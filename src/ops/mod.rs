@@ -7,6 +7,7 @@ pub(crate) mod gemm;
 mod lora_linear;
 mod rms_norm;
 mod rope;
+pub(crate) mod skinny;
 mod softmax;
 mod swiglu;
 pub(crate) mod vecmath;

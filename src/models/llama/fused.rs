@@ -50,6 +50,7 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraLinear, Mergeable};
 #[cfg(doc)]
 use crate::models::CausalLm;
+use crate::ops::skinny;
 use crate::ops::vecmath::{dot, exp_inplace, max, sum};
 
 /// The loss and the adapters' gradients of one batch, from
@@ -329,70 +330,141 @@ impl Lin<'_> {
         };
         let (r, inp, o) = (ad.r, self.inp, self.out);
         // With dropout the branch saw x⊙m (and its `xa` was kept); without, x.
-        let (xd, computed): (Vec<f32>, Vec<f32>);
-        let (x, xa): (&[f32], &[f32]) = match drop {
+        let xd: Vec<f32>;
+        let (x, saved_xa): (&[f32], Option<&[f32]>) = match drop {
             Some(dr) => {
                 xd = x[..n * inp]
                     .iter()
                     .zip(&dr.mask)
                     .map(|(x, m)| x * m)
                     .collect();
-                (&xd, &dr.xa)
+                (&xd, Some(&dr.xa))
             }
-            None => {
-                let mut xa = vec![0f32; n * r];
-                mm(
-                    (n, r, inp),
-                    &mut xa,
-                    r,
-                    false,
-                    (x, inp, 1),
-                    (&ad.a, 1, inp),
-                    1.0,
-                    true,
-                );
-                computed = xa;
-                (x, &computed)
-            }
+            None => (x, None),
         };
-        let mut g = vec![0f32; n * r];
-        mm(
-            (n, r, o),
-            &mut g,
-            r,
-            false,
-            (dy, o, 1),
-            (&ad.b, r, 1),
-            1.0,
-            true,
-        );
-        let mut db = vec![0f32; o * r];
-        mm(
-            (o, r, n),
-            &mut db,
-            r,
-            false,
-            (dy, 1, o),
-            (xa, r, 1),
-            ad.s,
-            true,
-        );
-        let mut da = vec![0f32; r * inp];
-        mm(
-            (r, inp, n),
-            &mut da,
-            inp,
-            false,
-            (&g, 1, r),
-            (x, inp, 1),
-            ad.s,
-            true,
-        );
+        let (da, db) = if skinny::available() {
+            skinny_lora_grads(x, dy, saved_xa, ad, (n, inp, o))
+        } else {
+            gemm_lora_grads(x, dy, saved_xa, ad, (n, inp, o))
+        };
         let dev = candle_core::Device::Cpu;
         out.push((ad.a_var.clone(), Tensor::from_vec(da, (r, inp), &dev)?));
         out.push((ad.b_var.clone(), Tensor::from_vec(db, (o, r), &dev)?));
         Ok(())
     }
+}
+
+/// `(dA, dB)` of an adapter, `dA = s·(dy·B)ᵀ·x` `[r, in]`, `dB = s·dyᵀ·xa` `[out, r]` with
+/// `xa = x·Aᵀ` (given, or made here), by the AVX-512 skinny kernels: the rows are split across
+/// threads, each pass reads its rows of `x` and `dy` once per product from cache, and the
+/// threads' partial sums are added at the end.
+fn skinny_lora_grads(
+    x: &[f32],
+    dy: &[f32],
+    saved_xa: Option<&[f32]>,
+    ad: &Adapter,
+    (n, inp, o): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let r = ad.r;
+    let bt: Vec<f32> = (0..r * o).map(|q| ad.b[(q % o) * r + q / o]).collect();
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let rows = n.div_ceil(threads).max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
+        .step_by(rows)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|r0| {
+            let m = rows.min(n - r0);
+            let (xr, dyr) = (&x[r0 * inp..(r0 + m) * inp], &dy[r0 * o..(r0 + m) * o]);
+            let made: Vec<f32>;
+            let xa = match saved_xa {
+                Some(xa) => &xa[r0 * r..(r0 + m) * r],
+                None => {
+                    let mut xa = vec![0f32; m * r];
+                    skinny::dots((m, r, inp), xr, inp, &ad.a, inp, 1.0, &mut xa);
+                    made = xa;
+                    &made[..]
+                }
+            };
+            let mut g = vec![0f32; m * r];
+            skinny::dots((m, r, o), dyr, o, &bt, o, 1.0, &mut g);
+            let (mut da, mut dbt) = (vec![0f32; r * inp], vec![0f32; r * o]);
+            skinny::rank_update((m, r, inp), &g, r, xr, inp, ad.s, &mut da, inp);
+            skinny::rank_update((m, r, o), xa, r, dyr, o, ad.s, &mut dbt, o);
+            (da, dbt)
+        })
+        .collect();
+    let (mut da, mut dbt) = (vec![0f32; r * inp], vec![0f32; r * o]);
+    for (pa, pb) in partials {
+        da.iter_mut().zip(&pa).for_each(|(d, p)| *d += p);
+        dbt.iter_mut().zip(&pb).for_each(|(d, p)| *d += p);
+    }
+    let db = (0..o * r).map(|q| dbt[(q % r) * o + q / r]).collect();
+    (da, db)
+}
+
+/// [`skinny_lora_grads`] by the general GEMM (CPUs without AVX-512).
+fn gemm_lora_grads(
+    x: &[f32],
+    dy: &[f32],
+    saved_xa: Option<&[f32]>,
+    ad: &Adapter,
+    (n, inp, o): (usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let r = ad.r;
+    let made: Vec<f32>;
+    let xa = match saved_xa {
+        Some(xa) => xa,
+        None => {
+            let mut xa = vec![0f32; n * r];
+            mm(
+                (n, r, inp),
+                &mut xa,
+                r,
+                false,
+                (x, inp, 1),
+                (&ad.a, 1, inp),
+                1.0,
+                true,
+            );
+            made = xa;
+            &made
+        }
+    };
+    let mut g = vec![0f32; n * r];
+    mm(
+        (n, r, o),
+        &mut g,
+        r,
+        false,
+        (dy, o, 1),
+        (&ad.b, r, 1),
+        1.0,
+        true,
+    );
+    let mut db = vec![0f32; o * r];
+    mm(
+        (o, r, n),
+        &mut db,
+        r,
+        false,
+        (dy, 1, o),
+        (xa, r, 1),
+        ad.s,
+        true,
+    );
+    let mut da = vec![0f32; r * inp];
+    mm(
+        (r, inp, n),
+        &mut da,
+        inp,
+        false,
+        (&g, 1, r),
+        (x, inp, 1),
+        ad.s,
+        true,
+    );
+    (da, db)
 }
 
 /// The weights of one decoder layer.
@@ -1258,6 +1330,48 @@ mod tests {
             (loss - plain).abs() > 1e-3 * plain.abs(),
             "{loss} vs {plain}"
         );
+    }
+
+    /// The adapter gradients by the skinny kernels match the plain GEMM path (odd row count,
+    /// rank 11 across two rank groups, with and without a kept `xa`), within f32 rounding.
+    #[test]
+    fn skinny_lora_grads_match_the_gemm_path() {
+        if !skinny::available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let (n, inp, o, r) = (37, 40, 24, 11);
+        let val = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
+                .collect()
+        };
+        let var = |len: usize| {
+            Var::from_tensor(&Tensor::zeros(len, DType::F32, &candle_core::Device::Cpu).unwrap())
+                .unwrap()
+        };
+        let ad = Adapter {
+            a: val(r * inp, 1),
+            b: val(o * r, 2),
+            r,
+            s: 0.75,
+            a_var: var(r * inp),
+            b_var: var(o * r),
+            merged: Vec::new(),
+            dropout: 0.0,
+            rng: crate::layers::LoraRng::new(0),
+        };
+        let (x, dy, xa) = (val(n * inp, 3), val(n * o, 4), val(n * r, 5));
+        for saved in [None, Some(&xa[..])] {
+            let (da, db) = skinny_lora_grads(&x, &dy, saved, &ad, (n, inp, o));
+            let (wa, wb) = gemm_lora_grads(&x, &dy, saved, &ad, (n, inp, o));
+            for (got, want) in [(&da, &wa), (&db, &wb)] {
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+                }
+            }
+        }
     }
 
     #[test]

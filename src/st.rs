@@ -549,7 +549,7 @@ mod limit_tests {
     /// A file with `header` as its JSON header and `data` after it.
     fn file_with(header: &str, data: &[u8]) -> Vec<u8> {
         let mut h = header.as_bytes().to_vec();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let mut v = (h.len() as u64).to_le_bytes().to_vec();

@@ -468,14 +468,19 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
             self.records.push(Record::Step(rec));
             let last = self.pos.step == total;
             if let Some(ev) = eval {
-                if last || (self.cfg.eval_every > 0 && self.pos.step % self.cfg.eval_every == 0) {
+                if last
+                    || (self.cfg.eval_every > 0
+                        && self.pos.step.is_multiple_of(self.cfg.eval_every))
+                {
                     let e = self.evaluate(ev)?;
                     log.append(&Record::Eval(e.clone()))?;
                     on_event(Event::Eval(&e));
                     self.records.push(Record::Eval(e));
                 }
             }
-            if self.cfg.save_every > 0 && (last || self.pos.step % self.cfg.save_every == 0) {
+            if self.cfg.save_every > 0
+                && (last || self.pos.step.is_multiple_of(self.cfg.save_every))
+            {
                 let dir = self.save_checkpoint(data, total)?;
                 on_event(Event::Checkpoint(&dir));
                 self.last_checkpoint = Some(dir);

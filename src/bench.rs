@@ -29,6 +29,32 @@ pub fn median_ms(runs: usize, warm: usize, mut f: impl FnMut() -> Result<()>) ->
     Ok(ts[ts.len() / 2])
 }
 
+/// The medians (ms) of `N` functions timed in turn: each round calls every function once, so
+/// all of them see the same machine state; `warm` untimed rounds first.
+pub fn medians_interleaved<const N: usize>(
+    runs: usize,
+    warm: usize,
+    fs: [&dyn Fn() -> Result<()>; N],
+) -> Result<[f64; N]> {
+    for _ in 0..warm {
+        for f in &fs {
+            f()?;
+        }
+    }
+    let mut ts: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(runs.max(1)));
+    for _ in 0..runs.max(1) {
+        for (f, t) in fs.iter().zip(ts.iter_mut()) {
+            let start = Instant::now();
+            f()?;
+            t.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(ts.map(|mut t| {
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    }))
+}
+
 /// The layer half of the PEFT baseline's keys.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerBench {
@@ -67,12 +93,19 @@ pub fn layer_bench(runs: usize) -> Result<LayerBench> {
         std::hint::black_box(l.forward_t(&x, false)?);
         Ok(())
     };
-    let layer_plain_forward_ms = median_ms(runs, 3, || fwd(&plain))?;
     let layer_lora_train_step_ms = median_ms(runs, 3, || step(&lora, &x))?;
     let layer_lora_train_step_with_dx_ms = median_ms(runs, 3, || step(&lora, x_var.as_tensor()))?;
-    let layer_unmerged_forward_ms = median_ms(runs, 3, || fwd(&lora))?;
+    // The three forwards are compared with each other (unmerged ÷ merged, merged ÷ plain), so
+    // they are timed in turn within one loop: a drift of the machine's speed during the run
+    // then moves all three alike instead of whichever was measured last.
+    let unmerged = lora.clone();
     lora.merge()?;
-    let layer_merged_forward_ms = median_ms(runs, 3, || fwd(&lora))?;
+    let [layer_plain_forward_ms, layer_unmerged_forward_ms, layer_merged_forward_ms] =
+        medians_interleaved(
+            runs,
+            3,
+            [&|| fwd(&plain), &|| fwd(&unmerged), &|| fwd(&lora)],
+        )?;
     Ok(LayerBench {
         layer_plain_forward_ms,
         layer_lora_train_step_ms,
@@ -289,5 +322,33 @@ pub fn peak_rss_mib() -> Option<f64> {
     #[cfg(not(unix))]
     {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// Every function runs `warm + runs` times, in turn (the log shows the order), and an error
+    /// from any of them is returned.
+    #[test]
+    fn interleaved_medians_call_each_function_in_turn() {
+        let log = RefCell::new(Vec::new());
+        let (a, b) = (
+            || -> Result<()> {
+                log.borrow_mut().push('a');
+                Ok(())
+            },
+            || -> Result<()> {
+                log.borrow_mut().push('b');
+                Ok(())
+            },
+        );
+        let ms = medians_interleaved(3, 1, [&a, &b]).unwrap();
+        assert!(ms.iter().all(|m| m.is_finite() && *m >= 0.0));
+        assert_eq!(log.borrow().iter().collect::<String>(), "abababab");
+        let fail = || -> Result<()> { Err(crate::error::Error::State("boom".into())) };
+        assert!(medians_interleaved(3, 0, [&a, &fail]).is_err());
     }
 }

@@ -165,10 +165,36 @@ fn linear_forward(
 /// `W' = W0 + s·B·A` `[out, in]`, a new buffer; `a` `[r, in]`, `b` `[out, r]`.
 fn merged_weight(w0: &Tensor, a: &[f32], b: &[f32], s: f32) -> candle_core::Result<Vec<f32>> {
     let (out, inp) = w0.dims2()?;
+    with_data(w0, "W0", |w| Ok(merged_weight_of(w, a, b, s, out, inp)))
+}
+
+/// `W0 + s·B·A` (`[out, in]`, row-major) for `W0: [out, in]`, `A: [r, in]`, `B: [out, r]`: each
+/// thread copies its rows of `W0` and adds their rank-r update on its own (one serial product
+/// per thread; the gemm crate's threading cost 3× more than the work here, 352 vs 107 µs at
+/// 512 × 768, r 8).
+pub(crate) fn merged_weight_of(
+    w0: &[f32],
+    a: &[f32],
+    b: &[f32],
+    s: f32,
+    out: usize,
+    inp: usize,
+) -> Vec<f32> {
     let r = a.len() / inp.max(1);
-    let mut w = with_data(w0, "W0", |w| Ok(w.to_vec()))?;
-    gemm_f32(out, inp, r, &mut w, true, b, (r, 1), a, (inp, 1), s);
-    Ok(w)
+    let mut w = vec![0f32; out * inp];
+    if out == 0 || inp == 0 {
+        return w;
+    }
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let rows = out.div_ceil(threads);
+    w.par_chunks_mut(rows * inp)
+        .zip(w0[..out * inp].par_chunks(rows * inp))
+        .zip(b[..out * r].par_chunks(rows * r))
+        .for_each(|((w, w0), b)| {
+            w.copy_from_slice(w0);
+            gemm_f32_serial(w.len() / inp, inp, r, w, true, b, (r, 1), a, (inp, 1), s);
+        });
+    w
 }
 
 /// A new `[rows, cols]` CPU tensor.
@@ -623,6 +649,22 @@ mod tests {
                 for (g, w) in [(got.0, want.0), (got.1, want.1), (got.2, want.2)] {
                     assert_close(&g.unwrap(), &w.unwrap(), 1e-6);
                 }
+            }
+        }
+    }
+
+    /// `W0 + s·B·A` row by row (odd row count across threads) equals the definition.
+    #[test]
+    fn merged_weight_is_w0_plus_scaled_ba() {
+        let (out, inp, r) = (7, 5, 3);
+        let f = |len: usize, k: f32| (0..len).map(|i| (i as f32 * k).sin()).collect::<Vec<_>>();
+        let (w0, a, b) = (f(out * inp, 0.7), f(r * inp, 1.3), f(out * r, 2.1));
+        let w = merged_weight_of(&w0, &a, &b, 0.5, out, inp);
+        for o in 0..out {
+            for c in 0..inp {
+                let want = w0[o * inp + c]
+                    + 0.5 * (0..r).map(|j| b[o * r + j] * a[j * inp + c]).sum::<f32>();
+                assert!((w[o * inp + c] - want).abs() < 1e-6, "({o},{c})");
             }
         }
     }

@@ -15,7 +15,7 @@ pub(crate) mod vecmath;
 pub(crate) use cross_entropy::CrossEntropyOp;
 #[cfg(test)]
 pub(crate) use lora_linear::merged_weight_pays;
-pub(crate) use lora_linear::{DropMask, FrozenLinearOp, LoraLinearOp};
+pub(crate) use lora_linear::{merged_weight_of, DropMask, FrozenLinearOp, LoraLinearOp};
 pub(crate) use rms_norm::RmsNormOp;
 pub(crate) use rope::RopeOp;
 pub(crate) use softmax::ScaledMaskedSoftmaxOp;

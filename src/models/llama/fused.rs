@@ -884,17 +884,7 @@ fn adapter(
             rng: rng.clone(),
         }));
     }
-    let mut merged = w0.to_vec();
-    mm(
-        (out, inp, r),
-        &mut merged,
-        inp,
-        true,
-        (&b, r, 1),
-        (&a, inp, 1),
-        s,
-        true,
-    );
+    let merged = crate::ops::merged_weight_of(w0, &a, &b, s, out, inp);
     Ok(Some(Adapter {
         a,
         b,

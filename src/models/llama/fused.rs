@@ -72,16 +72,15 @@ fn mm(
     dst: &mut [f32],
     dst_rs: usize,
     acc: bool,
-    (lhs, lrs, lcs): (&[f32], usize, usize),
-    (rhs, rrs, rcs): (&[f32], usize, usize),
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
     beta: f32,
     parallel: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    assert!(dst.len() > last(dst_rs, 1, m, n));
+    assert!(dst_rs >= n && dst.len() > (m - 1) * dst_rs + n - 1);
     if k == 0 {
         if !acc {
             for i in 0..m {
@@ -90,6 +89,85 @@ fn mm(
         }
         return;
     }
+    // SAFETY: `dst` is initialised and holds the m×n outputs at stride `dst_rs` (checked).
+    unsafe {
+        mm_raw(
+            (m, n, k),
+            SendPtr(dst.as_mut_ptr()),
+            dst_rs,
+            acc,
+            lhs,
+            rhs,
+            beta,
+            parallel,
+        )
+    }
+}
+
+/// `beta·lhs·rhs` into a new row-major `m×n` buffer: the product writes every element itself,
+/// so the buffer is not zero-filled first (on the benchmark Llama those fills were ~140 MB of
+/// memset per step).
+fn mm_new(
+    (m, n, k): (usize, usize, usize),
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    beta: f32,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    let mut v: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the buffer has capacity for the m×n outputs; with `acc` false and k > 0 the
+    // gemm crate writes every one of them without reading any, so all m·n elements are
+    // initialised when `set_len` runs.
+    unsafe {
+        mm_raw(
+            (m, n, k),
+            SendPtr(v.as_mut_ptr()),
+            n,
+            false,
+            lhs,
+            rhs,
+            beta,
+            true,
+        );
+        v.set_len(m * n);
+    }
+    v
+}
+
+/// A pointer that may cross to rayon's threads (each thread writes its own rows).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: `mm_raw` hands every thread a disjoint set of output rows.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; the pointer is only copied, never dereferenced through a shared borrow.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// [`mm`] on a raw output with `k > 0`, split by rows across threads when `parallel`.
+///
+/// # Safety
+/// `dst` must be valid for writes of rows `0..m` (`n` elements each at stride `dst_rs`), and
+/// for reads when `acc`; nothing else may access those elements during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: SendPtr,
+    dst_rs: usize,
+    acc: bool,
+    (lhs, lrs, lcs): (&[f32], usize, usize),
+    (rhs, rrs, rcs): (&[f32], usize, usize),
+    beta: f32,
+    parallel: bool,
+) {
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
     assert!(lhs.len() > last(lrs, lcs, m, k) && rhs.len() > last(rrs, rcs, k, n));
     let threads = candle_core::utils::get_num_threads();
     if parallel && threads > 1 && m >= 2 * SPLIT_ROWS {
@@ -97,31 +175,29 @@ fn mm(
         // (measured faster here than the gemm crate's own threading at these sizes).
         let parts = threads.min(m / SPLIT_ROWS);
         let rows = m.div_ceil(parts);
-        let mut pieces = Vec::with_capacity(parts);
-        let mut rest = dst;
-        for r0 in (0..m).step_by(rows) {
-            let r = rows.min(m - r0);
-            let (mine, tail) = if r0 + r < m {
-                rest.split_at_mut(r * dst_rs)
-            } else {
-                (rest, &mut [][..])
-            };
-            pieces.push((r0, r, mine));
-            rest = tail;
-        }
-        pieces.into_par_iter().for_each(|(r0, r, d)| {
-            let lhs_r = (&lhs[r0 * lrs..], lrs, lcs);
-            mm(
-                (r, n, k),
-                d,
-                dst_rs,
-                acc,
-                lhs_r,
-                (rhs, rrs, rcs),
-                beta,
-                false,
-            );
-        });
+        (0..m)
+            .step_by(rows)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .for_each(|r0| {
+                let r = rows.min(m - r0);
+                let lhs_r = (&lhs[r0 * lrs..], lrs, lcs);
+                // SAFETY: rows r0..r0 + r of `dst` are this task's alone (the tasks' row ranges
+                // are disjoint), inside the caller's rows 0..m.
+                unsafe {
+                    let d = SendPtr(dst.get().add(r0 * dst_rs));
+                    mm_raw(
+                        (r, n, k),
+                        d,
+                        dst_rs,
+                        acc,
+                        lhs_r,
+                        (rhs, rrs, rcs),
+                        beta,
+                        false,
+                    );
+                }
+            });
         return;
     }
     let par = if parallel && threads > 1 {
@@ -129,13 +205,14 @@ fn mm(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound the largest index each operand is read or written at.
+    // SAFETY: the assert above bounds every index the operands are read at; the caller's
+    // contract covers `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.get(),
             1,
             dst_rs as isize,
             acc,
@@ -245,19 +322,26 @@ impl Lin<'_> {
 
     /// `y = x·Wᵀ + b` with [`Lin::w`].
     fn forward_base(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let Some(b) = self.bias else {
+            return mm_new(
+                (n, self.out, self.inp),
+                (x, self.inp, 1),
+                (self.w(), 1, self.inp),
+                1.0,
+            );
+        };
+        // The bias rows first, then the product accumulates onto them.
         let mut y = vec![0f32; n * self.out];
-        if let Some(b) = self.bias {
-            y.par_chunks_mut(self.out * rows_per_task(self.out))
-                .for_each(|c| {
-                    c.chunks_exact_mut(self.out)
-                        .for_each(|r| r.copy_from_slice(b))
-                });
-        }
+        y.par_chunks_mut(self.out * rows_per_task(self.out))
+            .for_each(|c| {
+                c.chunks_exact_mut(self.out)
+                    .for_each(|r| r.copy_from_slice(b))
+            });
         mm(
             (n, self.out, self.inp),
             &mut y,
             self.out,
-            self.bias.is_some(),
+            true,
             (x, self.inp, 1),
             (self.w(), 1, self.inp),
             1.0,
@@ -279,6 +363,19 @@ impl Lin<'_> {
             1.0,
             true,
         );
+        self.dropout_backward_x(dy, n, dx, drop);
+    }
+
+    /// [`Lin::backward_x`] into a new buffer.
+    fn backward_x_new(&self, dy: &[f32], n: usize, drop: Option<&Dropped>) -> Vec<f32> {
+        let w = (self.w(), self.inp, 1);
+        let mut dx = mm_new((n, self.inp, self.out), (dy, self.out, 1), w, 1.0);
+        self.dropout_backward_x(dy, n, &mut dx, drop);
+        dx
+    }
+
+    /// With dropout on the adapter: `dx += s·((dy·B)·A)⊙m`.
+    fn dropout_backward_x(&self, dy: &[f32], n: usize, dx: &mut [f32], drop: Option<&Dropped>) {
         if let (Some(ad), Some(dr)) = (&self.adapter, drop) {
             let (r, inp) = (ad.r, self.inp);
             let mut g = vec![0f32; n * r];
@@ -1082,33 +1179,11 @@ impl Llama {
             saved.push(s);
         }
         let (xf, invf) = rms_forward(&x, wf, dm.eps);
-        let mut logits = vec![0f32; n * vocab];
-
-        mm(
-            (n, vocab, hs),
-            &mut logits,
-            vocab,
-            false,
-            (&xf, hs, 1),
-            (wh, 1, hs),
-            1.0,
-            true,
-        );
+        let mut logits = mm_new((n, vocab, hs), (&xf, hs, 1), (wh, 1, hs), 1.0);
         let loss_sum = cross_entropy(&mut logits, vocab, &targets);
 
         // Backward.
-        let mut dxf = vec![0f32; n * hs];
-
-        mm(
-            (n, hs, vocab),
-            &mut dxf,
-            hs,
-            false,
-            (&logits, vocab, 1),
-            (wh, hs, 1),
-            1.0,
-            true,
-        );
+        let dxf = mm_new((n, hs, vocab), (&logits, vocab, 1), (wh, hs, 1), 1.0);
         drop(logits);
         let mut dh = vec![0f32; n * hs];
         rms_backward(&dxf, &x, &invf, wf, &mut dh);
@@ -1116,18 +1191,14 @@ impl Llama {
         let mut grads = Vec::new();
         for (li, (l, mut s)) in layers.iter().zip(saved).enumerate().rev() {
             // MLP.
-            let mut dhm = vec![0f32; n * l.down.inp];
-            l.down
-                .backward_x(&dh, n, &mut dhm, false, s.drops[6].as_ref());
+            let dhm = l.down.backward_x_new(&dh, n, s.drops[6].as_ref());
             l.down
                 .lora_grads(&s.hm, &dh, n, s.drops[6].as_ref(), &mut grads)?;
             drop(s.hm);
             swiglu_backward(&mut s.g, &mut s.u, &dhm);
             drop(dhm);
             let (dg, du) = (s.g, s.u);
-            let mut dxn2 = vec![0f32; n * hs];
-            l.gate
-                .backward_x(&dg, n, &mut dxn2, false, s.drops[4].as_ref());
+            let mut dxn2 = l.gate.backward_x_new(&dg, n, s.drops[4].as_ref());
             l.up.backward_x(&du, n, &mut dxn2, true, s.drops[5].as_ref());
             l.gate
                 .lora_grads(&s.xn2, &dg, n, s.drops[4].as_ref(), &mut grads)?;
@@ -1136,8 +1207,7 @@ impl Llama {
 
             rms_backward(&dxn2, &s.h1, &s.inv2, l.n2, &mut dh1);
             // Attention.
-            let mut dout = vec![0f32; n * l.o.inp];
-            l.o.backward_x(&dh1, n, &mut dout, false, s.drops[3].as_ref());
+            let dout = l.o.backward_x_new(&dh1, n, s.drops[3].as_ref());
             l.o.lora_grads(&s.o, &dh1, n, s.drops[3].as_ref(), &mut grads)?;
             let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.p, &dout, &dm);
             let dq = from_heads(&dq, dm.heads, &dm, true);

@@ -50,8 +50,8 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraLinear, Mergeable};
 #[cfg(doc)]
 use crate::models::CausalLm;
-use crate::ops::skinny;
 use crate::ops::vecmath::{dot, exp_inplace, max, sum};
+use crate::ops::{gemm, skinny};
 
 /// The loss and the adapters' gradients of one batch, from
 /// [`CausalLm::fused_loss_and_grads`].
@@ -65,101 +65,12 @@ pub struct FusedGrads {
     pub grads: Vec<(Var, Tensor)>,
 }
 
-/// `dst[i·dst_rs + j] (+)= beta · Σ_k lhs[i·lrs + k·lcs] · rhs[k·rrs + j·rcs]` for `m×n` outputs.
+/// `dst[i·dst_rs + j] (+)= beta · Σ_k lhs[i·lrs + k·lcs] · rhs[k·rrs + j·rcs]` for `m×n` outputs,
+/// on candle's threads when `parallel`.
 #[allow(clippy::too_many_arguments)]
 fn mm(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [f32],
-    dst_rs: usize,
-    acc: bool,
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-    beta: f32,
-    parallel: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst_rs >= n && dst.len() > (m - 1) * dst_rs + n - 1);
-    if k == 0 {
-        if !acc {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // SAFETY: `dst` is initialised and holds the m×n outputs at stride `dst_rs` (checked).
-    unsafe {
-        mm_raw(
-            (m, n, k),
-            SendPtr(dst.as_mut_ptr()),
-            dst_rs,
-            acc,
-            lhs,
-            rhs,
-            beta,
-            parallel,
-        )
-    }
-}
-
-/// `beta·lhs·rhs` into a new row-major `m×n` buffer: the product writes every element itself,
-/// so the buffer is not zero-filled first (on the benchmark Llama those fills were ~140 MB of
-/// memset per step).
-fn mm_new(
-    (m, n, k): (usize, usize, usize),
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-    beta: f32,
-) -> Vec<f32> {
-    if m == 0 || n == 0 || k == 0 {
-        return vec![0f32; m * n];
-    }
-    let mut v: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: the buffer has capacity for the m×n outputs; with `acc` false and k > 0 the
-    // gemm crate writes every one of them without reading any, so all m·n elements are
-    // initialised when `set_len` runs.
-    unsafe {
-        mm_raw(
-            (m, n, k),
-            SendPtr(v.as_mut_ptr()),
-            n,
-            false,
-            lhs,
-            rhs,
-            beta,
-            true,
-        );
-        v.set_len(m * n);
-    }
-    v
-}
-
-/// A pointer that may cross to rayon's threads (each thread writes its own rows).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: `mm_raw` hands every thread a disjoint set of output rows.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above; the pointer is only copied, never dereferenced through a shared borrow.
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// [`mm`] on a raw output with `k > 0`, split by rows across threads when `parallel`.
-///
-/// # Safety
-/// `dst` must be valid for writes of rows `0..m` (`n` elements each at stride `dst_rs`), and
-/// for reads when `acc`; nothing else may access those elements during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm_raw(
-    (m, n, k): (usize, usize, usize),
-    dst: SendPtr,
     dst_rs: usize,
     acc: bool,
     (lhs, lrs, lcs): (&[f32], usize, usize),
@@ -167,73 +78,25 @@ unsafe fn mm_raw(
     beta: f32,
     parallel: bool,
 ) {
-    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
-    assert!(lhs.len() > last(lrs, lcs, m, k) && rhs.len() > last(rrs, rcs, k, n));
-    let threads = candle_core::utils::get_num_threads();
-    if parallel && threads > 1 && m >= 2 * SPLIT_ROWS {
-        // One serial GEMM per thread on its own rows: no synchronisation inside the product
-        // (measured faster here than the gemm crate's own threading at these sizes).
-        let parts = threads.min(m / SPLIT_ROWS);
-        let rows = m.div_ceil(parts);
-        (0..m)
-            .step_by(rows)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .for_each(|r0| {
-                let r = rows.min(m - r0);
-                let lhs_r = (&lhs[r0 * lrs..], lrs, lcs);
-                // SAFETY: rows r0..r0 + r of `dst` are this task's alone (the tasks' row ranges
-                // are disjoint), inside the caller's rows 0..m.
-                unsafe {
-                    let d = SendPtr(dst.get().add(r0 * dst_rs));
-                    mm_raw(
-                        (r, n, k),
-                        d,
-                        dst_rs,
-                        acc,
-                        lhs_r,
-                        (rhs, rrs, rcs),
-                        beta,
-                        false,
-                    );
-                }
-            });
-        return;
-    }
-    let par = if parallel && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    let threads = if parallel {
+        candle_core::utils::get_num_threads()
     } else {
-        gemm::Parallelism::None
+        1
     };
-    // SAFETY: the assert above bounds every index the operands are read at; the caller's
-    // contract covers `dst`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.get(),
-            1,
-            dst_rs as isize,
-            acc,
-            lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
-            rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    let (l, r) = ((lrs, lcs), (rrs, rcs));
+    gemm::gemm_f32_rs(dims, dst, dst_rs, acc, lhs, l, rhs, r, beta, threads);
 }
 
-/// Fewest output rows per thread for which [`mm`] splits a product across threads.
-const SPLIT_ROWS: usize = 64;
+/// `beta·lhs·rhs` into a new row-major `m×n` buffer, threaded, without zero-filling it first
+/// (on the benchmark Llama those fills were ~140 MB of memset per step).
+fn mm_new(
+    (m, n, k): (usize, usize, usize),
+    (lhs, lrs, lcs): (&[f32], usize, usize),
+    (rhs, rrs, rcs): (&[f32], usize, usize),
+    beta: f32,
+) -> Vec<f32> {
+    gemm::gemm_f32_new(m, n, k, lhs, (lrs, lcs), rhs, (rrs, rcs), beta)
+}
 
 /// Rows per rayon task for row-wise kernels (about 16k elements each).
 fn rows_per_task(row_len: usize) -> usize {

@@ -123,6 +123,7 @@ pub(crate) fn gemm_f32_rs(
             rhs,
             rhs_st,
             beta,
+            None,
         )
     }
 }
@@ -141,8 +142,43 @@ pub(crate) fn gemm_f32_new(
     rhs_st: (usize, usize),
     beta: f32,
 ) -> Vec<f32> {
+    new_product((m, n, k), lhs, lhs_st, rhs, rhs_st, beta, None)
+}
+
+/// `bias + beta·lhs·rhs` (the `n` bias values added to every row) into a new `m×n` row-major
+/// buffer on candle's threads: each thread writes the bias into its own block just before its
+/// product accumulates onto it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32_bias_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    lhs_st: (usize, usize),
+    rhs: &[f32],
+    rhs_st: (usize, usize),
+    beta: f32,
+    bias: &[f32],
+) -> Vec<f32> {
+    assert!(bias.len() >= n, "gemm: bias too short");
+    new_product((m, n, k), lhs, lhs_st, rhs, rhs_st, beta, Some(&bias[..n]))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_product(
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    lhs_st: (usize, usize),
+    rhs: &[f32],
+    rhs_st: (usize, usize),
+    beta: f32,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     if m == 0 || n == 0 || k == 0 {
-        return vec![0f32; m * n];
+        return match bias {
+            Some(b) => b.repeat(m),
+            None => vec![0f32; m * n],
+        };
     }
     check_extents(m, n, k, lhs, lhs_st, rhs, rhs_st);
     let mut dst = Vec::with_capacity(m * n);
@@ -150,10 +186,11 @@ pub(crate) fn gemm_f32_new(
         ptr: dst.as_mut_ptr(),
         rs: n,
     };
-    // SAFETY: the extents are checked above; `dst` has capacity for the m×n row-major output,
-    // and with `read_dst` false (and k > 0) every product writes each element of its part
-    // without reading any, the parts covering the output, so all m·n elements are initialised
-    // when `set_len` runs.
+    // SAFETY: the extents are checked above; `dst` has capacity for the m×n row-major output.
+    // Every block of it is written before it is read: without a bias the product (k > 0,
+    // `read_dst` false) writes each element of its block without reading any; with one the
+    // block's rows are set to the bias first. The blocks cover the output, so all m·n
+    // elements are initialised when `set_len` runs.
     unsafe {
         gemm_split(
             threads(),
@@ -165,6 +202,7 @@ pub(crate) fn gemm_f32_new(
             rhs,
             rhs_st,
             beta,
+            bias,
         );
         dst.set_len(m * n);
     }
@@ -245,6 +283,7 @@ unsafe fn gemm_split(
     rhs: &[f32],
     (rrs, rcs): (usize, usize),
     beta: f32,
+    bias: Option<&[f32]>,
 ) {
     let by_cols = threads.min(n / SPLIT_COLS);
     let by_rows = threads.min(m / SPLIT_ROWS);
@@ -268,6 +307,7 @@ unsafe fn gemm_split(
                         (lhs, lrs, lcs),
                         (&rhs[j0 * rcs..], rrs, rcs),
                         beta,
+                        bias.map(|b| &b[j0..j0 + nj]),
                     )
                 }
             });
@@ -289,6 +329,7 @@ unsafe fn gemm_split(
                         (&lhs[i0 * lrs..], lrs, lcs),
                         (rhs, rrs, rcs),
                         beta,
+                        bias,
                     )
                 }
             });
@@ -302,15 +343,17 @@ unsafe fn gemm_split(
                 (lhs, lrs, lcs),
                 (rhs, rrs, rcs),
                 beta,
+                bias,
             )
         }
     }
 }
 
-/// One serial product `out (m×n) = read·out + beta·lhs·rhs` (the gemm crate).
+/// One serial product `out (m×n) = read·out + beta·lhs·rhs` (the gemm crate); with `bias`
+/// (`n` values) every row of the block is first set to it and the product added.
 ///
 /// # Safety
-/// As [`gemm_split`], for this block.
+/// As [`gemm_split`], for this block; `bias`, when given, holds `n` values.
 unsafe fn gemm_raw(
     (m, n, k): (usize, usize, usize),
     out: Out,
@@ -318,7 +361,18 @@ unsafe fn gemm_raw(
     (lhs, lrs, lcs): (&[f32], usize, usize),
     (rhs, rrs, rcs): (&[f32], usize, usize),
     beta: f32,
+    bias: Option<&[f32]>,
 ) {
+    let read_dst = match bias {
+        Some(b) => {
+            for i in 0..m {
+                // SAFETY: row i's n elements are this block's (the caller's contract).
+                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), out.at(i, 0).ptr, n) };
+            }
+            true
+        }
+        None => read_dst,
+    };
     // SAFETY: the caller's contract; strides may be 0 (a broadcast operand).
     unsafe {
         gemm::gemm(
@@ -426,6 +480,32 @@ mod tests {
                         d0[i * rs + j]
                     };
                     assert_eq!(d[i * rs + j], want, "m{m} n{n} ({i},{j})");
+                }
+            }
+        }
+    }
+
+    /// A new buffer with a bias, split by columns, by rows and not at all, equals bias plus
+    /// the product (integers: exact).
+    #[test]
+    fn bias_products_match_the_definition() {
+        for &(m, n, k) in &[(130, 200, 33), (300, 40, 17), (5, 7, 3), (4, 6, 0)] {
+            let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 - 3.0).collect();
+            let got = gemm_f32_bias_new(m, n, k, &lhs, (k, 1), &rhs, (n, 1), 2.0, &bias);
+            let p = if k == 0 {
+                vec![0.0; m * n]
+            } else {
+                naive((m, n, k), &lhs, (k, 1), &rhs, (n, 1))
+            };
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(
+                        got[i * n + j],
+                        bias[j] + 2.0 * p[i * n + j],
+                        "m{m} n{n} ({i},{j})"
+                    );
                 }
             }
         }

@@ -41,7 +41,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{gemm_f32, gemm_f32_new, gemm_f32_serial};
+use super::gemm::{gemm_f32, gemm_f32_bias_new, gemm_f32_new, gemm_f32_serial};
 use super::skinny;
 
 /// Rows of `x⊙m` made at a time when dropout is on.
@@ -152,14 +152,19 @@ fn linear_forward(
     let Some(bias) = bias else {
         return Ok(gemm_f32_new(n, out, inp, x, (inp, 1), w, (1, inp), 1.0));
     };
-    // The bias rows written first (no zero fill), then the product accumulates into them.
-    let mut y = Vec::with_capacity(n * out);
     with_data(bias, "bias", |b| {
-        (0..n).for_each(|_| y.extend_from_slice(b));
-        Ok(())
-    })?;
-    gemm_f32(n, out, inp, &mut y, true, x, (inp, 1), w, (1, inp), 1.0);
-    Ok(y)
+        Ok(gemm_f32_bias_new(
+            n,
+            out,
+            inp,
+            x,
+            (inp, 1),
+            w,
+            (1, inp),
+            1.0,
+            b,
+        ))
+    })
 }
 
 /// `W' = W0 + s·B·A` `[out, in]`, a new buffer; `a` `[r, in]`, `b` `[out, r]`.

@@ -193,24 +193,17 @@ impl Lin<'_> {
                 1.0,
             );
         };
-        // The bias rows first, then the product accumulates onto them.
-        let mut y = vec![0f32; n * self.out];
-        y.par_chunks_mut(self.out * rows_per_task(self.out))
-            .for_each(|c| {
-                c.chunks_exact_mut(self.out)
-                    .for_each(|r| r.copy_from_slice(b))
-            });
-        mm(
-            (n, self.out, self.inp),
-            &mut y,
+        gemm::gemm_f32_bias_new(
+            n,
             self.out,
-            true,
-            (x, self.inp, 1),
-            (self.w(), 1, self.inp),
+            self.inp,
+            x,
+            (self.inp, 1),
+            self.w(),
+            (1, self.inp),
             1.0,
-            true,
-        );
-        y
+            b,
+        )
     }
 
     /// `dx (+)= dy·W` for `dy: [n, out]` into `dx: [n, in]`; with dropout

@@ -13,6 +13,9 @@
 #                  when present, else python3)
 #   PEFT_BASELINE  peft_baseline.py (default: ../shared/bench/peft_baseline.py next to the repo)
 #   OUT            folder for ours.json and peft.json (default: a fresh temp folder)
+#   PAIRS          how many back-to-back pairs to run (default 1). With more than one, each
+#                  pair's JSON goes to OUT/pair-N/ and the end prints every pair's ratios and
+#                  their medians: on a noisy machine one pair says little.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,14 +34,23 @@ if [[ ! -f $baseline ]]; then
 fi
 
 (cd "$root" && cargo build --release --quiet)
-echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-echo "lora bench (RAYON_NUM_THREADS=$threads, --runs $runs) ..." >&2
-RAYON_NUM_THREADS=$threads "$root/target/release/lora" bench --runs "$runs" --json "$out/ours.json" >/dev/null
-echo "PyTorch + PEFT baseline (--threads $threads, --runs $runs) ..." >&2
-"$py" "$baseline" --threads "$threads" --runs "$runs" --json "$out/peft.json" >/dev/null 2>"$out/peft.stderr"
-echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+pairs=${PAIRS:-1}
 
-python3 - "$out/ours.json" "$out/peft.json" <<'PY'
+# One pair: ours, then PEFT, into folder $1.
+run_pair() {
+    local dir=$1
+    mkdir -p "$dir"
+    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    echo "lora bench (RAYON_NUM_THREADS=$threads, --runs $runs) ..." >&2
+    RAYON_NUM_THREADS=$threads "$root/target/release/lora" bench --runs "$runs" --json "$dir/ours.json" >/dev/null
+    echo "PyTorch + PEFT baseline (--threads $threads, --runs $runs) ..." >&2
+    "$py" "$baseline" --threads "$threads" --runs "$runs" --json "$dir/peft.json" >/dev/null 2>"$dir/peft.stderr"
+    echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+}
+
+# The ratio table of one pair in folder $1.
+report() {
+    python3 - "$1/ours.json" "$1/peft.json" <<'PY'
 import json, sys
 ours = json.load(open(sys.argv[1]))
 peft = json.load(open(sys.argv[2]))
@@ -66,4 +78,38 @@ for k in ["frozen_weight_bytes", "adapter_bytes", "gradient_bytes", "optimizer_s
           "peak_step_heap_bytes"]:
     print(f"  {k:<30}{mib(m.get(k)):>14}")
 PY
-echo "JSON: $out/ours.json $out/peft.json" >&2
+}
+
+if [[ $pairs -le 1 ]]; then
+    run_pair "$out"
+    report "$out"
+    echo "JSON: $out/ours.json $out/peft.json" >&2
+    exit 0
+fi
+
+for i in $(seq "$pairs"); do
+    echo "pair $i of $pairs" >&2
+    run_pair "$out/pair-$i"
+done
+python3 - "$out" "$pairs" <<'PY'
+import json, statistics, sys
+out, n = sys.argv[1], int(sys.argv[2])
+keys = ["layer_lora_train_step_ms", "layer_lora_train_step_with_dx_ms",
+        "llama_lora_train_tokens_per_s", "peak_rss_mib"]
+rows = []
+for i in range(1, n + 1):
+    o = json.load(open(f"{out}/pair-{i}/ours.json"))
+    p = json.load(open(f"{out}/pair-{i}/peft.json"))
+    r = {k: o[k] / p[k] for k in keys}
+    r["unmerged/merged (ours)"] = o["layer_unmerged_forward_ms"] / o["layer_merged_forward_ms"]
+    r["merged/plain (ours)"] = o["layer_merged_forward_ms"] / o["layer_plain_forward_ms"]
+    rows.append(r)
+names = list(rows[0])
+short = ["layer step", "step + dX", "Llama tok/s", "peak RSS", "unmerged/merged", "merged/plain"]
+print("ours / PEFT per pair (Llama tok/s: our throughput / PEFT's); the last two are ours alone")
+print(f"{'pair':<8}" + "".join(f"{h:>17}" for h in short))
+for i, r in enumerate(rows, 1):
+    print(f"{i:<8}" + "".join(f"{r[k]:>17.3f}" for k in names))
+print(f"{'median':<8}" + "".join(f"{statistics.median(r[k] for r in rows):>17.3f}" for k in names))
+PY
+echo "JSON: $out/pair-*/ours.json, peft.json" >&2

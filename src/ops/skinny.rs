@@ -9,6 +9,8 @@
 //!   two rows of `v` at a time against up to 8 rows of `w`, 16 lanes per step.
 //! - [`rank_update`]: `acc[j, c] += scale · Σ_i u[i, j] · v[i, c]` — `gᵀ·x` and `xaᵀ·dy`;
 //!   up to 8 rows × 48 columns of `acc` in registers while the rows of `v` stream by.
+//! - [`plus_low_rank`]: `dst[o, c] = w0[o, c] + s · Σ_j b[o, j] · a[j, c]` — the merged weight
+//!   `W0 + s·B·A` in one pass over `W0` (the copy plus a `k = r` GEMM read and wrote it twice).
 //!
 //! Both need AVX-512 ([`available`]) and operands whose columns are contiguous; elsewhere
 //! callers use the general GEMM. Sums run in a different order than the
@@ -91,6 +93,77 @@ pub(crate) fn rank_update(
     unsafe {
         rank_update_avx512((m, r, cols), u, u_rs, v, v_rs, scale, acc, acc_rs)
     };
+}
+
+/// `dst[o·inp + c] = w0[o·inp + c] + s · Σ_{j<r} b[o·r + j] · a[j·inp + c]` for `rows` rows:
+/// writes every element of `dst` (which may be uninitialised). Panics without AVX-512 or if a
+/// slice is too short.
+pub(crate) fn plus_low_rank(
+    w0: &[f32],
+    b: &[f32],
+    a: &[f32],
+    s: f32,
+    (rows, inp, r): (usize, usize, usize),
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) {
+    assert!(available(), "plus_low_rank: the CPU has no AVX-512");
+    assert!(
+        w0.len() >= rows * inp && dst.len() >= rows * inp,
+        "plus_low_rank: w0 or dst too short"
+    );
+    assert!(
+        b.len() >= rows * r && a.len() >= r * inp,
+        "plus_low_rank: a or b too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is available; the extents are checked above.
+    unsafe {
+        plus_low_rank_avx512(w0, b, a, s, (rows, inp, r), dst.as_mut_ptr().cast::<f32>())
+    };
+}
+
+/// # Safety
+/// AVX-512F; `w0` and `dst` hold `rows·inp` values, `b` `rows·r`, `a` `r·inp`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn plus_low_rank_avx512(
+    w0: &[f32],
+    b: &[f32],
+    a: &[f32],
+    s: f32,
+    (rows, inp, r): (usize, usize, usize),
+    dst: *mut f32,
+) {
+    // SAFETY: every access is at a row start plus c < inp (masked past inp) inside the extents
+    // of the contract; `dst` elements are written before they are read (group 0 reads `w0`).
+    unsafe {
+        for j0 in (0..r.max(1)).step_by(RG) {
+            let rj = RG.min(r.saturating_sub(j0));
+            for o in 0..rows {
+                let mut coef = [_mm512_setzero_ps(); RG];
+                for (j, c) in coef.iter_mut().enumerate().take(rj) {
+                    *c = _mm512_set1_ps(s * b[o * r + j0 + j]);
+                }
+                let src = if j0 == 0 {
+                    w0.as_ptr().add(o * inp)
+                } else {
+                    dst.add(o * inp).cast_const()
+                };
+                let d = dst.add(o * inp);
+                let mut c = 0;
+                while c < inp {
+                    let mk = lanes(inp - c);
+                    let mut acc = _mm512_maskz_loadu_ps(mk, src.add(c));
+                    for (j, &cj) in coef.iter().enumerate().take(rj) {
+                        let av = _mm512_maskz_loadu_ps(mk, a.as_ptr().add((j0 + j) * inp + c));
+                        acc = _mm512_fmadd_ps(cj, av, acc);
+                    }
+                    _mm512_mask_storeu_ps(d.add(c), mk, acc);
+                    c += L;
+                }
+            }
+        }
+    }
 }
 
 /// The mask of the first `n` (≤ 16) lanes.
@@ -323,6 +396,37 @@ mod tests {
                         .sum::<f64>()
                         * 0.5;
                     assert!(close(out[i * r + j], want, k), "({i},{j}) m{m} r{r} k{k}");
+                }
+            }
+        }
+    }
+
+    /// `W0 + s·B·A` row by row over two rank groups (r = 11), a lane tail (37 columns) and
+    /// r = 0 (a copy), every element written, within f32 rounding of an f64 reference.
+    #[test]
+    fn plus_low_rank_matches_the_definition() {
+        if !available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        for &(rows, inp, r) in &[(5, 37, 11), (3, 64, 8), (2, 20, 0)] {
+            let (w0, b, a) = (
+                values(rows * inp, 6),
+                values(rows * r, 7),
+                values(r * inp, 8),
+            );
+            let mut dst = vec![std::mem::MaybeUninit::new(f32::NAN); rows * inp];
+            plus_low_rank(&w0, &b, &a, 0.25, (rows, inp, r), &mut dst);
+            for o in 0..rows {
+                for c in 0..inp {
+                    // SAFETY: initialised with NaN above, overwritten by the kernel.
+                    let got = unsafe { dst[o * inp + c].assume_init() };
+                    let want = w0[o * inp + c] as f64
+                        + 0.25
+                            * (0..r)
+                                .map(|j| b[o * r + j] as f64 * a[j * inp + c] as f64)
+                                .sum::<f64>();
+                    assert!(close(got, want, r + 1), "({o},{c}) r{r}: {got} vs {want}");
                 }
             }
         }

@@ -26,8 +26,10 @@
 //! product), in both directions: one GEMM instead of the base GEMM plus two skinny ones (the
 //! adapter itself stays unmerged). Attention keeps `P` (`[b, heads, t, t]`), reads the heads of
 //! the token-major projections through strides, and skips the key blocks a query block cannot
-//! see. Large products are split by rows, one serial GEMM per thread; element-wise kernels run
-//! row chunks on rayon's pool with the vectorised `exp` and reductions of `ops::vecmath`.
+//! see. Large products go through `ops::gemm` (split between threads by columns, else rows, one
+//! serial GEMM per thread) and write fresh outputs without a zero fill; the adapters' rank-r
+//! products use `ops::skinny`'s AVX-512 kernels where available; element-wise kernels run row
+//! chunks on rayon's pool with the vectorised `exp` and reductions of `ops::vecmath`.
 //!
 //! With `lora_dropout` the branch input is `x⊙m` (inverted-dropout mask `m`, drawn from the
 //! builder's stream in the same order as the autograd path draws it), so that linear keeps the

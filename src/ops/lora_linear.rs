@@ -119,7 +119,10 @@ pub(super) fn with_data<T>(
 
 /// Runs `f` on the f32 data of a 2-D CPU tensor of shape `dims`, in place whatever its layout:
 /// the data from the tensor's start offset and its (row, column) strides, which may be 0 (a
-/// broadcast) or transposed. Every element the strides address lies in the slice.
+/// broadcast) or transposed. Every element the strides address lies in the slice. A `dy` whose
+/// rows are all the same (row stride 0) but whose columns are not contiguous (a single value
+/// broadcast, as the gradient of `sum` arrives) is handed over as one contiguous row with row
+/// stride 0, which the rank-r kernels read in place.
 fn with_strided<T>(
     t: &Tensor,
     dims: (usize, usize),
@@ -137,6 +140,12 @@ fn with_strided<T>(
         candle_core::bail!("lora op: {what} must be 2-D");
     };
     let data = v.get(l.start_offset()..).unwrap_or(&[]);
+    if rs == 0 && cs != 1 && dims.0 > 0 && dims.1 > 0 {
+        // Every row the same (a broadcast, e.g. the gradient of `sum`): one contiguous row,
+        // read by every row of the products, instead of a column stride the fast kernels lack.
+        let row: Vec<f32> = (0..dims.1).map(|j| data[j * cs]).collect();
+        return f(&row, (0, 1));
+    }
     f(data, (rs, cs))
 }
 
@@ -439,6 +448,11 @@ impl CustomOp3 for LoraLinearOp {
         "lora-linear"
     }
 
+    /// `dy` is read in place whatever its strides (a broadcast is not copied).
+    fn bwd_takes_strided_grad(&self) -> bool {
+        true
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -558,6 +572,11 @@ impl CustomOp3 for LoraLinearOp {
 impl CustomOp1 for FrozenLinearOp {
     fn name(&self) -> &'static str {
         "frozen-linear"
+    }
+
+    /// `dy` is read in place whatever its strides (a broadcast is not copied).
+    fn bwd_takes_strided_grad(&self) -> bool {
+        true
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {

@@ -18,6 +18,17 @@ fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result
 
 /// The checks that `zeros_like(tensor) + grad` made when an empty gradient slot was filled that
 /// way: the same shape, dtype and device, with the same errors.
+/// Whether `op`'s backward reads its output gradient in any layout (see `backward`).
+fn takes_strided_grad(op: &Op) -> bool {
+    match op {
+        Op::Reshape(_) => true,
+        Op::CustomOp1(_, c) => c.bwd_takes_strided_grad(),
+        Op::CustomOp2(_, _, c) => c.bwd_takes_strided_grad(),
+        Op::CustomOp3(_, _, _, c) => c.bwd_takes_strided_grad(),
+        _ => false,
+    }
+}
+
 fn check_first_grad(tensor: &Tensor, grad: &Tensor) -> Result<()> {
     tensor.same_shape_binary_op(grad, "add")?;
     if tensor.dtype() != grad.dtype() {
@@ -204,6 +215,14 @@ impl Tensor {
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
             let grad = if do_not_detach { grad } else { grad.detach() };
             if let Some(op) = node.op() {
+                // Gradients are stored as they come (a broadcast stays a strided view, see
+                // `GradStore::accumulate`); ops get them contiguous, as before, unless they read
+                // any layout: reshape, and custom ops that say so.
+                let grad = if grad.is_contiguous() || takes_strided_grad(op) {
+                    grad
+                } else {
+                    grad.contiguous()?
+                };
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
                         grads.accumulate(lhs, &grad)?;
@@ -596,7 +615,11 @@ impl Tensor {
                     | Op::Unary(_, UnaryOp::Sign)
                     | Op::Cmp(_, _) => {}
                     Op::Reshape(arg) => {
-                        let arg_grad = grad.reshape(arg.dims())?;
+                        // A single value broadcast stays a view (`reshape` would copy it).
+                        let arg_grad = match grad.uniform_broadcast_view(arg.shape()) {
+                            Some(g) => g,
+                            None => grad.reshape(arg.dims())?,
+                        };
                         grads.accumulate(arg, &arg_grad)?;
                     }
                     Op::Unary(_, UnaryOp::Ceil) => Err(Error::BackwardNotSupported { op: "ceil" })?,
@@ -754,9 +777,10 @@ impl GradStore {
     }
 
     /// Adds `grad` to the gradient of `tensor`; nothing is stored for a tensor that does not
-    /// track gradients (a constant or a detached tensor). An empty slot takes `grad` itself,
-    /// made contiguous, rather than `zeros_like` + `add` (two fresh buffers and a full pass);
-    /// a strided stored gradient would later fail in `matmul` with `MatMulUnexpectedStriding`.
+    /// track gradients (a constant or a detached tensor). An empty slot takes `grad` itself
+    /// rather than `zeros_like` + `add` (two fresh buffers and a full pass): as it is for an
+    /// intermediate tensor (a broadcast is not copied; `backward` makes it contiguous for the
+    /// ops that need that), contiguous for a variable (what callers of `get` have always had).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         if !tensor.track_op() {
             return Ok(());
@@ -768,7 +792,11 @@ impl GradStore {
             }
             Entry::Vacant(entry) => {
                 check_first_grad(tensor, grad)?;
-                entry.insert(grad.contiguous()?);
+                if tensor.is_variable() {
+                    entry.insert(grad.contiguous()?);
+                } else {
+                    entry.insert(grad.clone());
+                }
             }
         }
         Ok(())

@@ -9,6 +9,13 @@ pub trait CustomOp1 {
     // Box<dyn> does not support const yet, so use a function to get the name.
     fn name(&self) -> &'static str;
 
+    /// Whether [`Self::bwd`] reads `grad_res` in any layout (strided, transposed, or a value
+    /// broadcast with stride 0). When false (the default), backward hands it a contiguous
+    /// gradient, copying a strided one first.
+    fn bwd_takes_strided_grad(&self) -> bool {
+        false
+    }
+
     /// The forward pass, as run on a cpu device. Note that the storage can use arbitrary strides,
     /// offsets etc so the associated layout should be used to access it.
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)>;
@@ -43,6 +50,13 @@ pub trait CustomOp1 {
 
 pub trait CustomOp2 {
     fn name(&self) -> &'static str;
+
+    /// Whether [`Self::bwd`] reads `grad_res` in any layout (strided, transposed, or a value
+    /// broadcast with stride 0). When false (the default), backward hands it a contiguous
+    /// gradient, copying a strided one first.
+    fn bwd_takes_strided_grad(&self) -> bool {
+        false
+    }
 
     /// The forward pass, as run on a cpu device. Note that the storage can use arbitrary strides,
     /// offsets etc so the associated layout should be used to access it.
@@ -95,6 +109,13 @@ pub trait CustomOp2 {
 
 pub trait CustomOp3 {
     fn name(&self) -> &'static str;
+
+    /// Whether [`Self::bwd`] reads `grad_res` in any layout (strided, transposed, or a value
+    /// broadcast with stride 0). When false (the default), backward hands it a contiguous
+    /// gradient, copying a strided one first.
+    fn bwd_takes_strided_grad(&self) -> bool {
+        false
+    }
 
     /// The forward pass, as run on a cpu device. Note that the storage can use arbitrary strides,
     /// offsets etc so the associated layout should be used to access it.

@@ -2463,6 +2463,26 @@ impl Tensor {
         Ok(Tensor(Arc::new(tensor_)))
     }
 
+    /// When this tensor is one value broadcast to its whole shape (every stride 0, as the
+    /// gradient of `sum_all` is in backward), the same value broadcast to `shape` (of the same
+    /// element count) as a view, sharing the storage and tracking no op; else `None`.
+    pub(crate) fn uniform_broadcast_view(&self, shape: &Shape) -> Option<Self> {
+        let n = self.elem_count();
+        if n == 0 || shape.elem_count() != n || self.stride().iter().any(|&s| s != 0) {
+            return None;
+        }
+        let tensor_ = Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: Layout::new(shape.clone(), vec![0; shape.rank()], self.layout.start_offset()),
+            op: BackpropOp::none(),
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        Some(Tensor(Arc::new(tensor_)))
+    }
+
     /// An alias for broadcast_as.
     pub fn expand<S: Into<Shape>>(&self, shape: S) -> Result<Self> {
         self.broadcast_as(shape)

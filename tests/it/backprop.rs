@@ -1,7 +1,7 @@
-//! The vendored candle-core's gradient layouts (vendor/candle-core/PATCHES.md, patch 4): a
+//! The vendored candle-core's gradient layouts (vendor/candle-core/PATCHES.md, patch 3): a
 //! broadcast gradient (of `sum`) is not copied; ops that need contiguous data still get it;
 //! variables' gradients stay contiguous; and the LoRA layer's gradients do not depend on the
-//! layout in which `dy` arrives.
+//! layout in which `dy` arrives. Also its threaded long sums (patch 5).
 
 use std::sync::{Arc, Mutex};
 
@@ -147,5 +147,33 @@ fn lora_gradients_do_not_depend_on_the_layout_of_dy() {
     for (i, (b, d)) in broadcast.iter().zip(&dense).enumerate() {
         let r = rel_diff(b, d);
         assert!(r <= 1e-6, "gradient {i}: relative difference {r}");
+    }
+}
+
+/// A long `sum_all` (PATCHES.md, patch 5: summed in chunks on several threads) and `mean_all`
+/// equal an f64 sum within 1e-6 relative; a short one and a row-wise sum take the old path.
+#[test]
+fn long_sums_match_an_f64_reference() {
+    for n in [1_000, 300_001, 2_097_152] {
+        let t = ramp(&[n], 9).affine(1.0, 0.25).unwrap();
+        let want: f64 = t.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).sum();
+        let got = t.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs(),
+            "n {n}: {got} vs {want}"
+        );
+        let mean = t.mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((mean - want / n as f64).abs() <= 1e-6 * (want / n as f64).abs());
+    }
+    let t = ramp(&[3, 200_000], 10);
+    let rows = t.sum(1).unwrap().to_vec1::<f32>().unwrap();
+    for (i, got) in rows.iter().enumerate() {
+        let row = t.get(i).unwrap().to_vec1::<f32>().unwrap();
+        let want: f64 = row.iter().map(|&v| v as f64).sum();
+        let size: f64 = row.iter().map(|&v| v.abs() as f64).sum();
+        assert!(
+            (*got as f64 - want).abs() <= 1e-6 * size,
+            "row {i}: {got} vs {want}"
+        );
     }
 }

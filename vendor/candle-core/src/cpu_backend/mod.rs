@@ -301,6 +301,9 @@ impl Map1Any for ReduceIndex {
     }
 }
 
+/// Elements per task of a long sum reduced on several threads.
+const SUM_CHUNK: usize = 1 << 16;
+
 struct ReduceSum<'a> {
     dst_shape: &'a Shape,
     reduce_dims: &'a [usize],
@@ -332,6 +335,23 @@ impl ReduceSum<'_> {
                         .iter()
                         .map(|(u, _)| u)
                         .product::<usize>();
+                    // One long sum (`sum_all`, or a mean loss): fixed-size chunks summed on
+                    // rayon's threads, then the partial sums in order (the same result for any
+                    // thread count).
+                    if dst.len() == 1 && reduce_sz >= 2 * SUM_CHUNK {
+                        let partials: Vec<T> = src[..reduce_sz]
+                            .par_chunks(SUM_CHUNK)
+                            .map(|c| {
+                                let mut acc = T::zero();
+                                unsafe { T::vec_reduce_sum(c.as_ptr(), &mut acc, c.len()) };
+                                acc
+                            })
+                            .collect();
+                        for p in partials {
+                            dst[0] += p;
+                        }
+                        return Ok(dst);
+                    }
                     for (dst_i, dst_v) in dst.iter_mut().enumerate() {
                         let src_i = dst_i * reduce_sz;
                         unsafe {

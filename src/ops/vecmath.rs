@@ -1,4 +1,6 @@
-//! Vectorised f32 slice math for the fused kernels: `exp`, and sum / max / dot reductions.
+//! Vectorised f32 slice math for the fused kernels: `exp`, sum / max / dot reductions, and
+//! [`vectorised`], which runs a closure's element-wise loops compiled for AVX-512 where the CPU
+//! has it (the crate is built for baseline x86-64, whose vectors are 4 lanes wide).
 //!
 //! Reductions keep 16 partial results (one AVX-512 register, four SSE ones) so the compiler
 //! can vectorise them; a plain `iter().sum()` must add in order and runs one element per
@@ -10,8 +12,8 @@
 //! the softmaxes, SiLU and cross-entropy spent more time in it than in any op but the matrix
 //! products. This is Cephes' `expf` (range reduction `x = n·ln 2 + r` with `ln 2` split in two,
 //! a degree-6 polynomial for `e^r`, and `2^n` put into the exponent bits) written without
-//! branches so the compiler vectorises it; on CPUs with AVX-512 the loop is compiled for it
-//! and picked at run time. Error ≤ 2 ulp against `f64::exp` (tested); results below
+//! branches so the compiler vectorises it; loops over it inside [`vectorised`] run 16 lanes
+//! wide on CPUs with AVX-512. Error ≤ 2 ulp against `f64::exp` (tested); results below
 //! `−87.33` (where `e^x` is subnormal) are 0, above `88` `+∞`, NaN stays NaN.
 
 /// Largest input with a finite, non-overflowing `2^n` scale.
@@ -19,9 +21,10 @@ const HI: f32 = 88.0;
 /// `ln(f32::MIN_POSITIVE)`: below it the result would be subnormal; 0 is returned.
 const LO: f32 = -87.336_55;
 
-/// `e^x` of one value, branch-free (see the module doc).
+/// `e^x` of one value, branch-free (see the module doc); inside [`vectorised`] loops it
+/// compiles to AVX-512.
 #[inline(always)]
-fn exp1(x: f32) -> f32 {
+pub(crate) fn exp1(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.clamp(LO, HI);
@@ -46,21 +49,23 @@ fn exp1(x: f32) -> f32 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_avx512(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v = exp1(*v));
-}
-
-/// `x ← e^x` element-wise.
-pub(crate) fn exp_inplace(x: &mut [f32]) {
+/// Runs `f` compiled for AVX-512 when the CPU has it, else as it is: `f` is inlined into a
+/// function built with the feature, so the element-wise loops in it (over [`exp1`], divisions,
+/// products) are vectorised 16 lanes wide instead of the baseline's 4.
+#[inline(always)]
+pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports AVX-512F, checked just above.
-        unsafe { exp_avx512(x) };
-        return;
+        return unsafe { run_avx512(f) };
     }
-    x.iter_mut().for_each(|v| *v = exp1(*v));
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// Lanes of the partial reductions.
@@ -91,6 +96,25 @@ pub(crate) fn max(x: &[f32]) -> f32 {
     reduce(x, f32::NEG_INFINITY, f32::max)
 }
 
+/// `Σ a·b·c` over the common length, in 16 partial sums like [`dot`].
+pub(crate) fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let tail: f32 = (n - n % LANES..n).map(|i| a[i] * b[i] * c[i]).sum();
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for (((acc, x), y), z) in acc.iter_mut().zip(x).zip(y).zip(z) {
+            *acc += x * y * z;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `Σ a·b` over the common length.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -115,6 +139,11 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    /// `x ← e^x` as the fused kernels run it (inside [`vectorised`]).
+    fn exp_inplace(x: &mut [f32]) {
+        vectorised(|| x.iter_mut().for_each(|v| *v = exp1(*v)));
+    }
+
     /// Within 2 ulp of the f64 result over the whole finite range, on both code paths.
     #[test]
     fn matches_f64_exp_within_two_ulp() {
@@ -136,7 +165,7 @@ mod tests {
         assert_eq!(exp1(0.0), 1.0);
     }
 
-    /// Sum, max and dot equal their f64 results for lengths around the lane count.
+    /// Sum, max, dot and dot3 equal their f64 results for lengths around the lane count.
     #[test]
     fn reductions_match_f64() {
         for n in [0usize, 1, 5, 15, 16, 17, 33, 100, 1000] {
@@ -148,6 +177,11 @@ mod tests {
                 .collect();
             let s64: f64 = a.iter().map(|&x| x as f64).sum();
             let d64: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let t64: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| x as f64 * y as f64 * x as f64)
+                .sum();
             let m = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert!(
                 (sum(&a) as f64 - s64).abs() <= 1e-5 * (1.0 + s64.abs()),
@@ -156,6 +190,10 @@ mod tests {
             assert!(
                 (dot(&a, &b) as f64 - d64).abs() <= 1e-5 * (1.0 + d64.abs()),
                 "dot n={n}"
+            );
+            assert!(
+                (dot3(&a, &b, &a) as f64 - t64).abs() <= 1e-5 * (1.0 + t64.abs()),
+                "dot3 n={n}"
             );
             assert_eq!(max(&a), m, "max n={n}");
         }

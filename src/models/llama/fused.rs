@@ -52,7 +52,7 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraLinear, Mergeable};
 #[cfg(doc)]
 use crate::models::CausalLm;
-use crate::ops::vecmath::{dot, exp_inplace, max, sum};
+use crate::ops::vecmath::{dot, dot3, exp1, max, sum, vectorised};
 use crate::ops::{gemm, skinny};
 
 /// The loss and the adapters' gradients of one batch, from
@@ -481,13 +481,15 @@ fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
         .zip(inv.par_chunks_mut(per))
         .zip(x.par_chunks(h * per))
         .for_each(|((y, inv), x)| {
-            for ((y, inv), x) in y.chunks_exact_mut(h).zip(inv).zip(x.chunks_exact(h)) {
-                let ms = dot(x, x) / h as f32;
-                *inv = 1.0 / (ms + eps).sqrt();
-                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                    *y = w * (x * *inv);
+            vectorised(|| {
+                for ((y, inv), x) in y.chunks_exact_mut(h).zip(inv).zip(x.chunks_exact(h)) {
+                    let ms = dot(x, x) / h as f32;
+                    *inv = 1.0 / (ms + eps).sqrt();
+                    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                        *y = w * (x * *inv);
+                    }
                 }
-            }
+            })
         });
     (y, inv)
 }
@@ -501,18 +503,19 @@ fn rms_backward(dy: &[f32], x: &[f32], inv: &[f32], w: &[f32], dx: &mut [f32]) {
         .zip(x.par_chunks(h * per))
         .zip(inv.par_chunks(per))
         .for_each(|(((dx, dy), x), inv)| {
-            for (((dx, dy), x), &inv) in dx
-                .chunks_exact_mut(h)
-                .zip(dy.chunks_exact(h))
-                .zip(x.chunks_exact(h))
-                .zip(inv)
-            {
-                let dot: f32 = dy.iter().zip(w).zip(x).map(|((d, w), x)| d * w * x).sum();
-                let c = inv * inv * inv * dot / h as f32;
-                for (((dx, dy), x), w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
-                    *dx += inv * w * dy - c * x;
+            vectorised(|| {
+                for (((dx, dy), x), &inv) in dx
+                    .chunks_exact_mut(h)
+                    .zip(dy.chunks_exact(h))
+                    .zip(x.chunks_exact(h))
+                    .zip(inv)
+                {
+                    let c = inv * inv * inv * dot3(dy, w, x) / h as f32;
+                    for (((dx, dy), x), w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
+                        *dx += inv * w * dy - c * x;
+                    }
                 }
-            }
+            })
         });
 }
 
@@ -524,14 +527,16 @@ fn rope_inplace(x: &mut [f32], n: usize, dm: &Dims) {
     x.par_chunks_mut(n * d).enumerate().for_each(|(row, x)| {
         let ti = row % t;
         let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
-        for head in x.chunks_exact_mut(d) {
-            let (x1, x2) = head.split_at_mut(half);
-            for j in 0..half {
-                let (a, b) = (x1[j], x2[j]);
-                x1[j] = a * c[j] - b * s[j];
-                x2[j] = b * c[half + j] + a * s[half + j];
+        vectorised(|| {
+            for head in x.chunks_exact_mut(d) {
+                let (x1, x2) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (x1[j], x2[j]);
+                    x1[j] = a * c[j] - b * s[j];
+                    x2[j] = b * c[half + j] + a * s[half + j];
+                }
             }
-        }
+        })
     });
 }
 
@@ -552,10 +557,12 @@ fn from_heads(dy: &[f32], n: usize, dm: &Dims, rope: bool) -> Vec<f32> {
             let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
             let (g1, g2) = g.split_at(half);
             let (dx1, dx2) = dx.split_at_mut(half);
-            for j in 0..half {
-                dx1[j] = g1[j] * c[j] + g2[j] * s[half + j];
-                dx2[j] = g2[j] * c[half + j] - g1[j] * s[j];
-            }
+            vectorised(|| {
+                for j in 0..half {
+                    dx1[j] = g1[j] * c[j] + g2[j] * s[half + j];
+                    dx2[j] = g2[j] * c[half + j] - g1[j] * s[j];
+                }
+            });
         }
     });
     dx
@@ -610,19 +617,20 @@ fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, V
                     scale,
                     false,
                 );
-                for i in r0..r0 + rows {
-                    // Query i sees keys lo..=i.
-                    let row = &mut p[i * t..][..t];
-                    let lo = dm.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                    row[..lo].fill(0.0);
-                    row[i + 1..].fill(0.0);
-                    let seen = &mut row[lo..=i];
-                    let m = max(seen);
-                    seen.iter_mut().for_each(|x| *x -= m);
-                    exp_inplace(seen);
-                    let inv = 1.0 / sum(seen);
-                    seen.iter_mut().for_each(|x| *x *= inv);
-                }
+                vectorised(|| {
+                    for i in r0..r0 + rows {
+                        // Query i sees keys lo..=i.
+                        let row = &mut p[i * t..][..t];
+                        let lo = dm.window.map_or(0, |w| (i + 1).saturating_sub(w));
+                        row[..lo].fill(0.0);
+                        row[i + 1..].fill(0.0);
+                        let seen = &mut row[lo..=i];
+                        let m = max(seen);
+                        seen.iter_mut().for_each(|x| *x = exp1(*x - m));
+                        let inv = 1.0 / sum(seen);
+                        seen.iter_mut().for_each(|x| *x *= inv);
+                    }
+                });
                 let (pb, vb) = (&p[r0 * t + k0..], &vh[k0 * kvd..]);
                 mm(
                     (rows, d, keys),
@@ -695,13 +703,15 @@ fn attention_backward(
                         false,
                     );
                     // dS = P ⊙ (dP − Σ dP⊙P) / √d.
-                    for (i, dsr) in ds.chunks_exact_mut(keys).take(rows).enumerate() {
-                        let pr = &pb[i * t..][..keys];
-                        let c = dot(dsr, pr);
-                        for (x, p) in dsr.iter_mut().zip(pr) {
-                            *x = p * (*x - c) * scale;
+                    vectorised(|| {
+                        for (i, dsr) in ds.chunks_exact_mut(keys).take(rows).enumerate() {
+                            let pr = &pb[i * t..][..keys];
+                            let c = dot(dsr, pr);
+                            for (x, p) in dsr.iter_mut().zip(pr) {
+                                *x = p * (*x - c) * scale;
+                            }
                         }
-                    }
+                    });
                     let dqb = &mut dq[r * t * d + r0 * d..];
                     mm(
                         (rows, d, keys),
@@ -739,11 +749,11 @@ fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
         .zip(g.par_chunks(CHUNK))
         .zip(u.par_chunks(CHUNK))
         .for_each(|((y, g), u)| {
-            y.iter_mut().zip(g).for_each(|(y, g)| *y = -g);
-            exp_inplace(y);
-            for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                *y = g / (1.0 + *y) * u;
-            }
+            vectorised(|| {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g / (1.0 + exp1(-g)) * u;
+                }
+            })
         });
     y
 }
@@ -755,15 +765,15 @@ fn swiglu_backward(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
         .zip(u.par_chunks_mut(CHUNK))
         .zip(dy.par_chunks(CHUNK))
         .for_each(|((g, u), dy)| {
-            let mut e: Vec<f32> = g.iter().map(|g| -g).collect();
-            exp_inplace(&mut e);
-            for (((g, u), dy), e) in g.iter_mut().zip(u.iter_mut()).zip(dy).zip(&e) {
-                let sig = 1.0 / (1.0 + e);
-                let silu = *g * sig;
-                let dg = dy * *u * sig * (1.0 + *g * (1.0 - sig));
-                *u = dy * silu;
-                *g = dg;
-            }
+            vectorised(|| {
+                for ((g, u), dy) in g.iter_mut().zip(u.iter_mut()).zip(dy) {
+                    let sig = 1.0 / (1.0 + exp1(-*g));
+                    let silu = *g * sig;
+                    let dg = dy * *u * sig * (1.0 + *g * (1.0 - sig));
+                    *u = dy * silu;
+                    *g = dg;
+                }
+            })
         });
 }
 
@@ -778,15 +788,16 @@ fn cross_entropy(logits: &mut [f32], v: usize, targets: &[Option<u32>]) -> f64 {
                 row.fill(0.0);
                 return 0.0;
             };
-            let mx = max(row);
-            let picked = row[tgt as usize];
-            row.iter_mut().for_each(|x| *x -= mx);
-            exp_inplace(row);
-            let total = sum(row);
-            let inv = 1.0 / total;
-            row.iter_mut().for_each(|x| *x *= inv);
-            row[tgt as usize] -= 1.0;
-            f64::from(mx + total.ln() - picked)
+            vectorised(|| {
+                let mx = max(row);
+                let picked = row[tgt as usize];
+                row.iter_mut().for_each(|x| *x = exp1(*x - mx));
+                let total = sum(row);
+                let inv = 1.0 / total;
+                row.iter_mut().for_each(|x| *x *= inv);
+                row[tgt as usize] -= 1.0;
+                f64::from(mx + total.ln() - picked)
+            })
         })
         .sum()
 }
@@ -795,7 +806,7 @@ fn cross_entropy(logits: &mut [f32], v: usize, targets: &[Option<u32>]) -> f64 {
 fn add_into(a: &mut [f32], b: &[f32]) {
     a.par_chunks_mut(16 * 1024)
         .zip(b.par_chunks(16 * 1024))
-        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        .for_each(|(a, b)| vectorised(|| a.iter_mut().zip(b).for_each(|(a, b)| *a += b)));
 }
 
 /// Contiguous f32 CPU data of a guarded storage.

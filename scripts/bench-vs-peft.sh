@@ -75,8 +75,12 @@ m = ours.get("memory", {})
 mib = lambda b: "n/a" if b is None else f"{b / 2**20:.2f} MiB"
 print("memory ledger (ours, one Llama LoRA training step):")
 for k in ["frozen_weight_bytes", "adapter_bytes", "gradient_bytes", "optimizer_state_bytes",
-          "peak_step_heap_bytes"]:
-    print(f"  {k:<30}{mib(m.get(k)):>14}")
+          "peak_step_heap_bytes", "peak_step_heap_bytes_checkpointed"]:
+    print(f"  {k:<34}{mib(m.get(k)):>14}")
+ck = ours.get("llama_lora_train_step_checkpointed_ms")
+if ck is not None:
+    print(f"  Llama step with activation checkpointing: {ck:.1f} ms "
+          f"({ck / ours['llama_lora_train_step_ms']:.2f}x ours without)")
 PY
 }
 

@@ -128,6 +128,9 @@ pub struct LlamaBench {
     pub llama_lora_train_step_ms: f64,
     /// Tokens per second at that median (`batch · seq / step`).
     pub llama_lora_train_tokens_per_s: f64,
+    /// Median step time with activation checkpointing per decoder layer (not in the
+    /// baseline), ms.
+    pub llama_lora_train_step_checkpointed_ms: f64,
     /// The model and LoRA config, as the baseline's `llama_config`.
     pub llama_config: serde_json::Value,
     /// Where the step's bytes go.
@@ -149,6 +152,9 @@ pub struct MemoryLedger {
     /// counting allocator: activations saved for backward, temporaries and gradients.
     /// `None` when the counting allocator is not the global allocator.
     pub peak_step_heap_bytes: Option<usize>,
+    /// The same with activation checkpointing per decoder layer
+    /// ([`FusedOptions::gradient_checkpointing`](crate::models::FusedOptions)).
+    pub peak_step_heap_bytes_checkpointed: Option<usize>,
 }
 
 /// The baseline's Llama config as `config.json` text.
@@ -204,7 +210,7 @@ fn random_llama_weights(
 /// peak.
 pub fn llama_bench(runs: usize, alloc: Option<&crate::alloc::CountingAlloc>) -> Result<LlamaBench> {
     use crate::builder::{LoraBuilder, MapSource};
-    use crate::models::{CausalLm, Llama};
+    use crate::models::{CausalLm, FusedOptions, Llama};
     use crate::train::loss::causal_lm_loss;
     use crate::train::optim::{AdamW, AdamWConfig};
     use rand::{Rng, SeedableRng};
@@ -238,8 +244,8 @@ pub fn llama_bench(runs: usize, alloc: Option<&crate::alloc::CountingAlloc>) -> 
         .collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &dev)?;
     let mut gradient_bytes = 0;
-    let mut step = || -> Result<()> {
-        if let Some(f) = model.fused_loss_and_grads(&ids, &ids)? {
+    let mut step = |opts: FusedOptions| -> Result<()> {
+        if let Some(f) = model.fused_loss_and_grads(&ids, &ids, opts)? {
             let n = f.count as f64;
             let g: Vec<Option<Tensor>> = vars
                 .iter()
@@ -268,21 +274,31 @@ pub fn llama_bench(runs: usize, alloc: Option<&crate::alloc::CountingAlloc>) -> 
         opt.step(&g, 1e-4)?;
         Ok(())
     };
-    // The first step allocates the optimizer's state for good; measure the second.
-    step()?;
-    let peak_step_heap_bytes = match alloc.filter(|a| a.is_counting()) {
-        Some(a) => {
-            let before = a.current();
-            a.reset_peak();
-            step()?;
-            Some(a.peak().saturating_sub(before))
-        }
-        None => None,
+    let plain = FusedOptions::default();
+    let checkpointed = FusedOptions {
+        gradient_checkpointing: true,
     };
-    let ms = median_ms(runs.max(5), 1, &mut step)?;
+    // The first step allocates the optimizer's state for good; measure the second.
+    step(plain)?;
+    let mut heap_of = |opts: FusedOptions| -> Result<Option<usize>> {
+        Ok(match alloc.filter(|a| a.is_counting()) {
+            Some(a) => {
+                let before = a.current();
+                a.reset_peak();
+                step(opts)?;
+                Some(a.peak().saturating_sub(before))
+            }
+            None => None,
+        })
+    };
+    let peak_step_heap_bytes = heap_of(plain)?;
+    let peak_step_heap_bytes_checkpointed = heap_of(checkpointed)?;
+    let ms = median_ms(runs.max(5), 1, || step(plain))?;
+    let ckpt_ms = median_ms(5, 1, || step(checkpointed))?;
     Ok(LlamaBench {
         llama_lora_train_step_ms: ms,
         llama_lora_train_tokens_per_s: (batch * seq) as f64 / (ms / 1e3),
+        llama_lora_train_step_checkpointed_ms: ckpt_ms,
         llama_config: serde_json::json!({
             "vocab": cfg.vocab_size, "hidden": cfg.hidden_size,
             "intermediate": cfg.intermediate_size, "layers": cfg.num_hidden_layers,
@@ -295,6 +311,7 @@ pub fn llama_bench(runs: usize, alloc: Option<&crate::alloc::CountingAlloc>) -> 
             gradient_bytes,
             optimizer_state_bytes: 2 * adapter_bytes,
             peak_step_heap_bytes,
+            peak_step_heap_bytes_checkpointed,
         },
     })
 }

@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraEmbedding, LoraLinear, Mergeable};
 
 mod fused;
-pub use fused::FusedGrads;
+pub use fused::{FusedGrads, FusedOptions};
 
 /// How [`Llama::open`] adds LoRA: new adapters from a config, or a saved adapter.
 #[derive(Debug, Clone)]
@@ -626,8 +626,13 @@ impl CausalLm for Llama {
     /// On the CPU in f32 with adapters only on the decoder linears (see
     /// `models::llama::fused`): one pass each way over plain buffers, only the adapters'
     /// gradients computed.
-    fn fused_loss_and_grads(&self, ids: &Tensor, labels: &Tensor) -> Result<Option<FusedGrads>> {
-        self.fused_step(ids, labels)
+    fn fused_loss_and_grads(
+        &self,
+        ids: &Tensor,
+        labels: &Tensor,
+        opts: FusedOptions,
+    ) -> Result<Option<FusedGrads>> {
+        self.fused_step(ids, labels, opts)
     }
 }
 

@@ -11,7 +11,7 @@ pub mod llama;
 
 pub use config::{Arch, LlamaConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
 pub use generate::{generate, Sampler, Sampling};
-pub use llama::{Cache, FusedGrads, Llama, LoraInit, RmsNorm};
+pub use llama::{Cache, FusedGrads, FusedOptions, Llama, LoraInit, RmsNorm};
 
 /// A causal language model: token ids in, next-token logits out.
 pub trait CausalLm {
@@ -20,8 +20,14 @@ pub trait CausalLm {
 
     /// The summed causal-LM loss of `ids` against `labels` and its gradient for every
     /// trainable variable, by a hand-written backward, or `None` when the model has none for
-    /// its current setup (the default): then use `forward_t`, the loss and autograd.
-    fn fused_loss_and_grads(&self, _ids: &Tensor, _labels: &Tensor) -> Result<Option<FusedGrads>> {
+    /// its current setup (the default): then use `forward_t`, the loss and autograd. `opts`
+    /// chooses, e.g., activation checkpointing.
+    fn fused_loss_and_grads(
+        &self,
+        _ids: &Tensor,
+        _labels: &Tensor,
+        _opts: FusedOptions,
+    ) -> Result<Option<FusedGrads>> {
         Ok(None)
     }
 }

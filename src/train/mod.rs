@@ -94,6 +94,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Shuffle the data each epoch; false keeps file order.
     pub shuffle: bool,
+    /// Activation checkpointing per decoder layer where the model's fused step runs (the
+    /// Llama family on the CPU in f32): less memory, one more forward per step.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -114,6 +118,7 @@ impl Default for TrainConfig {
             save_every: 0,
             seed: 0,
             shuffle: true,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -503,7 +508,13 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
         let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
         for b in batches {
-            if let Some(f) = self.model.fused_loss_and_grads(&b.input_ids, &b.labels)? {
+            let opts = crate::models::FusedOptions {
+                gradient_checkpointing: self.cfg.gradient_checkpointing,
+            };
+            if let Some(f) = self
+                .model
+                .fused_loss_and_grads(&b.input_ids, &b.labels, opts)?
+            {
                 if f.count == 0 {
                     continue;
                 }

@@ -723,3 +723,36 @@ fn lora_train_full_finetuning_writes_a_whole_model() {
         &out.join("model.safetensors")
     ));
 }
+
+/// `--gradient-checkpointing` (activation checkpointing per decoder layer) trains to the same
+/// losses (1e-6 relative) and adapter (1e-6 absolute) as the default, with dropout and
+/// gradient accumulation, and says so in the memory line.
+#[test]
+fn lora_train_with_gradient_checkpointing_gives_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synthetic(dir.path());
+    let (plain, ckpt) = (dir.path().join("plain"), dir.path().join("ckpt"));
+    let a = ok(&lora_os(train_args(&data, &plain, &["--steps", "3"])));
+    let b = ok(&lora_os(train_args(
+        &data,
+        &ckpt,
+        &["--steps", "3", "--gradient-checkpointing"],
+    )));
+    assert!(!a.contains("activation checkpointing"), "{a}");
+    assert!(b.contains("with activation checkpointing"), "{b}");
+    let (la, lb) = (losses(&plain), losses(&ckpt));
+    assert_eq!(la.len(), 3);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "{la:?} vs {lb:?}");
+    }
+    let w = "adapter_model.safetensors";
+    let dev = candle_core::Device::Cpu;
+    let ta = candle_core::safetensors::load(plain.join(w), &dev).unwrap();
+    let tb = candle_core::safetensors::load(ckpt.join(w), &dev).unwrap();
+    assert_eq!(ta.len(), tb.len());
+    assert!(!ta.is_empty());
+    for (name, t) in &ta {
+        let d = max_abs_diff(t, &tb[name]);
+        assert!(d <= 1e-6, "{name}: {d}");
+    }
+}

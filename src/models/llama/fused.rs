@@ -31,6 +31,11 @@
 //! products use `ops::skinny`'s AVX-512 kernels where available; element-wise kernels run row
 //! chunks on rayon's pool with the vectorised `exp` and reductions of `ops::vecmath`.
 //!
+//! With [`FusedOptions::gradient_checkpointing`] the forward keeps only each layer's input
+//! (and its dropout masks) and the backward runs that layer's forward again before its
+//! backward: one layer's activations live at a time instead of all of them, for one more
+//! forward of the decoder layers; the results are the same (tested).
+//!
 //! With `lora_dropout` the branch input is `x⊙m` (inverted-dropout mask `m`, drawn from the
 //! builder's stream in the same order as the autograd path draws it), so that linear keeps the
 //! base GEMM plus the two skinny ones instead of `W'`, and its backward adds `s·((dy·B)·A)⊙m`.
@@ -65,6 +70,16 @@ pub struct FusedGrads {
     pub count: usize,
     /// The gradient of `loss_sum` for every trainable variable, shaped like it.
     pub grads: Vec<(Var, Tensor)>,
+}
+
+/// How [`CausalLm::fused_loss_and_grads`] runs a step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FusedOptions {
+    /// Activation (gradient) checkpointing per decoder layer: the forward keeps only each
+    /// layer's input (and its dropout masks); the backward runs the layer's forward again to
+    /// get the rest. Less memory for the activations (one layer's instead of all of them) for
+    /// one more forward of the decoder layers; the results are the same.
+    pub gradient_checkpointing: bool,
 }
 
 /// `dst[i·dst_rs + j] (+)= beta · Σ_k lhs[i·lrs + k·lcs] · rhs[k·rrs + j·rcs]` for `m×n` outputs,
@@ -146,13 +161,14 @@ impl Lin<'_> {
     }
 
     /// `y = x·Wᵀ + b` for `x: [n, in]` → `[n, out]`; with dropout on the adapter,
-    /// `y = x·W0ᵀ + b + s·((x⊙m)·Aᵀ)·Bᵀ` with a fresh mask `m`, kept for the backward.
-    fn forward(&self, x: &[f32], n: usize) -> (Vec<f32>, Option<Dropped>) {
+    /// `y = x·W0ᵀ + b + s·((x⊙m)·Aᵀ)·Bᵀ` with the mask `m` given (a recomputed forward) or a
+    /// fresh one, kept for the backward.
+    fn forward(&self, x: &[f32], n: usize, mask: Option<Vec<f32>>) -> (Vec<f32>, Option<Dropped>) {
         let y = self.forward_base(x, n);
         match &self.adapter {
             Some(ad) if ad.dropout > 0.0 => {
                 let (mut y, r) = (y, ad.r);
-                let mask = ad.rng.keep_mask(n * self.inp, ad.dropout);
+                let mask = mask.unwrap_or_else(|| ad.rng.keep_mask(n * self.inp, ad.dropout));
                 let xd: Vec<f32> = x[..n * self.inp]
                     .iter()
                     .zip(&mask)
@@ -453,6 +469,59 @@ struct Saved {
     hm: Vec<f32>,
     /// Dropout state of `q, k, v, o, gate, up, down` (`None` without dropout).
     drops: [Option<Dropped>; 7],
+}
+
+/// What the forward keeps of a layer for the backward: everything, or (with gradient
+/// checkpointing) its input and the dropout masks of `q, k, v, o, gate, up, down`.
+enum Kept {
+    All(Box<Saved>),
+    Input(Vec<f32>, [Option<Vec<f32>>; 7]),
+}
+
+/// One decoder layer's forward from its input `x: [N, H]`: the layer's output and what its
+/// backward needs. `masks` are dropout masks to reuse (a recomputed forward); `None` draws
+/// fresh ones where the adapter has dropout.
+fn layer_forward(
+    l: &Layer,
+    x: Vec<f32>,
+    dm: &Dims,
+    masks: [Option<Vec<f32>>; 7],
+) -> (Vec<f32>, Saved) {
+    let n = dm.n;
+    let [mq, mk, mv, mo, mg, mu, md] = masks;
+    let (xn, inv1) = rms_forward(&x, l.n1, dm.eps);
+    let (mut q, dq_) = l.q.forward(&xn, n, mq);
+    rope_inplace(&mut q, dm.heads, dm);
+    let (mut k, dk_) = l.k.forward(&xn, n, mk);
+    rope_inplace(&mut k, dm.kv_heads, dm);
+    let (v, dv_) = l.v.forward(&xn, n, mv);
+    let (p, o) = attention_forward(&q, &k, &v, dm);
+    let (mut h1, do_) = l.o.forward(&o, n, mo);
+    add_into(&mut h1, &x);
+    let (xn2, inv2) = rms_forward(&h1, l.n2, dm.eps);
+    let (g, dg_) = l.gate.forward(&xn2, n, mg);
+    let (u, du_) = l.up.forward(&xn2, n, mu);
+    let hm = swiglu_forward(&g, &u);
+    let (mut out, dd_) = l.down.forward(&hm, n, md);
+    add_into(&mut out, &h1);
+    let s = Saved {
+        x,
+        inv1,
+        xn,
+        q,
+        k,
+        v,
+        p,
+        o,
+        h1,
+        inv2,
+        xn2,
+        g,
+        u,
+        hm,
+        drops: [dq_, dk_, dv_, do_, dg_, du_, dd_],
+    };
+    (out, s)
 }
 
 /// Shapes and tables shared by every layer.
@@ -909,7 +978,12 @@ impl Llama {
     /// gradient for every trainable variable. `None` when the fused path does not apply to
     /// this model; use autograd then. Same results as
     /// `causal_lm_loss_sum(forward_t(ids, true), labels)` and its backward, to f32 rounding.
-    pub(super) fn fused_step(&self, ids: &Tensor, labels: &Tensor) -> Result<Option<FusedGrads>> {
+    pub(super) fn fused_step(
+        &self,
+        ids: &Tensor,
+        labels: &Tensor,
+        opts: FusedOptions,
+    ) -> Result<Option<FusedGrads>> {
         if !self.fused_applies() {
             return Ok(None);
         }
@@ -1013,39 +1087,13 @@ impl Llama {
             .for_each(|(row, &id)| row.copy_from_slice(&table[id as usize * hs..][..hs]));
         let mut saved = Vec::with_capacity(layers.len());
         for l in &layers {
-            let (xn, inv1) = rms_forward(&x, l.n1, dm.eps);
-            let (mut q, dq_) = l.q.forward(&xn, n);
-            rope_inplace(&mut q, dm.heads, &dm);
-            let (mut k, dk_) = l.k.forward(&xn, n);
-            rope_inplace(&mut k, dm.kv_heads, &dm);
-            let (v, dv_) = l.v.forward(&xn, n);
-            let (p, o) = attention_forward(&q, &k, &v, &dm);
-            let (mut h1, do_) = l.o.forward(&o, n);
-            add_into(&mut h1, &x);
-            let (xn2, inv2) = rms_forward(&h1, l.n2, dm.eps);
-            let (g, dg_) = l.gate.forward(&xn2, n);
-            let (u, du_) = l.up.forward(&xn2, n);
-            let hm = swiglu_forward(&g, &u);
-            let (mut out, dd_) = l.down.forward(&hm, n);
-            add_into(&mut out, &h1);
-            let s = Saved {
-                x: std::mem::replace(&mut x, out),
-                inv1,
-                xn,
-                q,
-                k,
-                v,
-                p,
-                o,
-                h1,
-                inv2,
-                xn2,
-                g,
-                u,
-                hm,
-                drops: [dq_, dk_, dv_, do_, dg_, du_, dd_],
-            };
-            saved.push(s);
+            let (out, s) = layer_forward(l, x, &dm, Default::default());
+            x = out;
+            saved.push(if opts.gradient_checkpointing {
+                Kept::Input(s.x, s.drops.map(|d| d.map(|d| d.mask)))
+            } else {
+                Kept::All(Box::new(s))
+            });
         }
         let (xf, invf) = rms_forward(&x, wf, dm.eps);
         let mut logits = mm_new((n, vocab, hs), (&xf, hs, 1), (wh, 1, hs), 1.0);
@@ -1058,7 +1106,12 @@ impl Llama {
         rms_backward(&dxf, &x, &invf, wf, &mut dh);
         drop(dxf);
         let mut grads = Vec::new();
-        for (li, (l, mut s)) in layers.iter().zip(saved).enumerate().rev() {
+        for (li, (l, kept)) in layers.iter().zip(saved).enumerate().rev() {
+            let mut s = match kept {
+                Kept::All(s) => *s,
+                // The layer's forward again, from its input and with the same dropout masks.
+                Kept::Input(x, masks) => layer_forward(l, x, &dm, masks).1,
+            };
             // MLP.
             let dhm = l.down.backward_x_new(&dh, n, s.drops[6].as_ref());
             l.down
@@ -1164,7 +1217,10 @@ mod tests {
     fn check_on(model: &Llama, ids: &Tensor, labels: &Tensor) -> f64 {
         // Both passes draw the same dropout masks (same stream position, same order).
         let (seed, pos) = model.vb.rng().state();
-        let fused = model.fused_step(ids, labels).unwrap().unwrap();
+        let fused = model
+            .fused_step(ids, labels, FusedOptions::default())
+            .unwrap()
+            .unwrap();
         model.vb.rng().restore(seed, pos);
         let logits = model.forward_t(ids, true).unwrap();
         let (sum, count) = causal_lm_loss_sum(&logits, labels).unwrap();
@@ -1261,6 +1317,37 @@ mod tests {
         );
     }
 
+    /// Activation checkpointing gives the same loss and gradients (1e-6 relative) as keeping
+    /// every activation, with adapter dropout too (the recomputed forward reuses the masks),
+    /// and leaves the dropout stream where the plain step leaves it.
+    #[test]
+    fn checkpointing_changes_nothing_but_memory() {
+        for dropout in [0.0, 0.3] {
+            let model = lora_model_with("LlamaForCausalLM", "", true, ALL, dropout);
+            let (seed, pos) = model.vb.rng().state();
+            let run = |gradient_checkpointing: bool| {
+                model.vb.rng().restore(seed, pos);
+                let opts = FusedOptions {
+                    gradient_checkpointing,
+                };
+                let f = model.fused_step(&ids(), &labels(), opts).unwrap().unwrap();
+                (f, model.vb.rng().state())
+            };
+            let ((plain, after_plain), (ckpt, after_ckpt)) = (run(false), run(true));
+            assert_eq!(after_plain, after_ckpt, "dropout {dropout}");
+            assert!((plain.loss_sum - ckpt.loss_sum).abs() <= 1e-6 * plain.loss_sum.abs());
+            assert_eq!(plain.grads.len(), ckpt.grads.len());
+            for ((v1, g1), (v2, g2)) in plain.grads.iter().zip(&ckpt.grads) {
+                assert_eq!(v1.as_tensor().id(), v2.as_tensor().id());
+                let (diff, scale) = crate::ops::testing::diff_and_scale(g2, g1);
+                assert!(
+                    scale > 0.0 && diff <= 1e-6 * scale,
+                    "dropout {dropout}: {diff}"
+                );
+            }
+        }
+    }
+
     /// The adapter gradients by the skinny kernels match the plain GEMM path (odd row count,
     /// rank 11 across two rank groups, with and without a kept `xa`), within f32 rounding.
     #[test]
@@ -1314,10 +1401,16 @@ mod tests {
             .full_finetune()
             .unwrap();
         let m = Llama::load(&cfg, &vb).unwrap();
-        assert!(m.fused_step(&ids(), &labels()).unwrap().is_none());
+        assert!(m
+            .fused_step(&ids(), &labels(), FusedOptions::default())
+            .unwrap()
+            .is_none());
         // No adapter at all: nothing to train.
         let vb = LoraBuilder::new(MapSource::new(w), DType::F32, Device::Cpu);
         let m = Llama::load(&cfg, &vb).unwrap();
-        assert!(m.fused_step(&ids(), &labels()).unwrap().is_none());
+        assert!(m
+            .fused_step(&ids(), &labels(), FusedOptions::default())
+            .unwrap()
+            .is_none());
     }
 }

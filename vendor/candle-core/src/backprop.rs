@@ -16,8 +16,6 @@ fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result
     }
 }
 
-/// The checks that `zeros_like(tensor) + grad` made when an empty gradient slot was filled that
-/// way: the same shape, dtype and device, with the same errors.
 /// Whether `op`'s backward reads its output gradient in any layout (see `backward`).
 fn takes_strided_grad(op: &Op) -> bool {
     match op {
@@ -29,6 +27,8 @@ fn takes_strided_grad(op: &Op) -> bool {
     }
 }
 
+/// The checks that `zeros_like(tensor) + grad` made when an empty gradient slot was filled that
+/// way: the same shape, dtype and device, with the same errors.
 fn check_first_grad(tensor: &Tensor, grad: &Tensor) -> Result<()> {
     tensor.same_shape_binary_op(grad, "add")?;
     if tensor.dtype() != grad.dtype() {

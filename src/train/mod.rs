@@ -61,7 +61,8 @@ pub enum Length {
 }
 
 /// Training hyper-parameters. The defaults are the CLI's: lr 2e-4, linear schedule, no
-/// warmup, no weight decay, max grad norm 1, batch 8, no accumulation, 1 epoch, seed 0.
+/// warmup, no weight decay, max grad norm 1, batch 8, no accumulation, 1 epoch, seed 0, no
+/// activation checkpointing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     /// Peak learning rate.

@@ -10,6 +10,7 @@ mod rope;
 pub(crate) mod skinny;
 mod softmax;
 mod swiglu;
+pub(crate) mod tile_mm;
 pub(crate) mod vecmath;
 
 pub(crate) use cross_entropy::CrossEntropyOp;

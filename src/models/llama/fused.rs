@@ -57,6 +57,7 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraLinear, Mergeable};
 #[cfg(doc)]
 use crate::models::CausalLm;
+use crate::ops::tile_mm::tile_mm_to;
 use crate::ops::vecmath::{dot, dot3, exp1, max, sum, vectorised};
 use crate::ops::{gemm, skinny};
 
@@ -537,6 +538,8 @@ struct Dims {
     /// `[t, d]` rope tables (both halves equal).
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Attention's small products through [`tile_mm_to`] (AVX-512) rather than the GEMM.
+    tiles: bool,
 }
 
 /// `y = w ⊙ x·inv` per row with `inv = 1/√(mean(x²) + ε)`; returns `(y, inv)`.
@@ -609,32 +612,25 @@ fn rope_inplace(x: &mut [f32], n: usize, dm: &Dims) {
     });
 }
 
-/// Head-major `[b, n, t, d]` → token-major `[b·t, n·d]`, through RoPE's backward (the
-/// rotation by −angle) when `rope`.
-fn from_heads(dy: &[f32], n: usize, dm: &Dims, rope: bool) -> Vec<f32> {
+/// RoPE's backward in place on token-major `dx: [b·t, n·d]` (`n` heads of `d`): the rotation
+/// by −angle, `dx ← dx ⊙ cos − rotate_half(dx ⊙ sin)` per head, position `t` of each row.
+fn rope_backward_inplace(dx: &mut [f32], n: usize, dm: &Dims) {
     let (t, d) = (dm.t, dm.d);
     let half = d / 2;
-    let mut dx = vec![0f32; dy.len()];
     dx.par_chunks_mut(n * d).enumerate().for_each(|(row, dx)| {
-        let (bi, ti) = (row / t, row % t);
-        for (hi, dx) in dx.chunks_exact_mut(d).enumerate() {
-            let g = &dy[((bi * n + hi) * t + ti) * d..][..d];
-            if !rope {
-                dx.copy_from_slice(g);
-                continue;
-            }
-            let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
-            let (g1, g2) = g.split_at(half);
-            let (dx1, dx2) = dx.split_at_mut(half);
-            vectorised(|| {
+        let ti = row % t;
+        let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
+        vectorised(|| {
+            for head in dx.chunks_exact_mut(d) {
+                let (g1, g2) = head.split_at_mut(half);
                 for j in 0..half {
-                    dx1[j] = g1[j] * c[j] + g2[j] * s[half + j];
-                    dx2[j] = g2[j] * c[half + j] - g1[j] * s[j];
+                    let (a, b) = (g1[j], g2[j]);
+                    g1[j] = a * c[j] + b * s[half + j];
+                    g2[j] = b * c[half + j] - a * s[j];
                 }
-            });
-        }
+            }
+        })
     });
-    dx
 }
 
 /// Query rows per attention block: a block's queries only need the keys up to its last row,
@@ -654,70 +650,145 @@ fn query_blocks(dm: &Dims) -> Vec<(usize, usize, usize, usize)> {
         .collect()
 }
 
+/// A token-major buffer that attention's tasks write in disjoint blocks (one head's columns of
+/// one sequence's rows each): its first element and row stride.
+#[derive(Clone, Copy)]
+struct Shared {
+    ptr: *mut f32,
+    rs: usize,
+}
+// SAFETY: every task writes only its own block (see the callers); the pointer is only copied.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The element at row `i`, column `j`.
+    ///
+    /// # Safety
+    /// `(i, j)` must lie inside the buffer.
+    unsafe fn at(self, i: usize, j: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.ptr.add(i * self.rs + j) }
+    }
+}
+
+/// `c (+)= beta·a·y` for attention's small products on this thread, `y` row-major (rows `y_rs`
+/// apart), into the `m×n` block at `c` (row stride `c_rs`): [`tile_mm_to`] with `tiles`, else
+/// the GEMM.
+///
+/// # Safety
+/// `c` must be valid for writes (and reads of initialised values when `acc`) of the block,
+/// with nothing else accessing it during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_mm(
+    tiles: bool,
+    dims: (usize, usize, usize),
+    (c, c_rs): (*mut f32, usize),
+    acc: bool,
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (y, y_rs): (&[f32], usize),
+    beta: f32,
+) {
+    // SAFETY: the caller's contract on `c`; both check the operands' extents.
+    unsafe {
+        if tiles {
+            tile_mm_to(dims, a, (a_rs, a_cs), y, y_rs, beta, c, c_rs, acc);
+        } else {
+            let (ast, yst) = ((a_rs, a_cs), (y_rs, 1));
+            gemm::gemm_f32_to(dims, c, c_rs, acc, a, ast, y, yst, beta);
+        }
+    }
+}
+
+/// One head of a token-major `x` (`t` rows `x_rs` apart, `d` columns from the slice's start)
+/// transposed to `[d, t]`: the right operand of a product with `xᵀ`.
+fn transposed_head(x: &[f32], x_rs: usize, dm: &Dims) -> Vec<f32> {
+    let (t, d) = (dm.t, dm.d);
+    let mut out = vec![0f32; d * t];
+    for (j, row) in x.chunks(x_rs).take(t).enumerate() {
+        for (c, v) in row[..d].iter().enumerate() {
+            out[c * t + j] = *v;
+        }
+    }
+    out
+}
+
 /// Causal attention over token-major `q: [b·t, H·d]`, `k, v: [b·t, KV·d]` (heads read in
 /// place through strides): returns the probabilities `[b, H, t, t]` (0 where masked) and the
-/// output, token-major `[b·t, H·d]`.
+/// output, token-major `[b·t, H·d]`, which each head's task writes in place.
 fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, Vec<f32>) {
     let (t, d, h, kvh) = (dm.t, dm.d, dm.heads, dm.kv_heads);
     let rep = h / kvh;
+    let (hd, kvd) = (h * d, kvh * d);
     let scale = 1.0 / (d as f32).sqrt();
     let blocks = query_blocks(dm);
     let mut p = vec![0f32; dm.b * h * t * t];
-    let mut o = vec![0f32; dm.b * h * t * d];
-    p.par_chunks_mut(t * t)
-        .zip(o.par_chunks_mut(t * d))
-        .enumerate()
-        .for_each(|(bh, (p, o))| {
-            let (bi, hi) = (bh / h, bh % h);
-            let (hd, kvd) = (h * d, kvh * d);
-            let qh = &q[bi * t * hd + hi * d..];
-            let kv = bi * t * kvd + (hi / rep) * d;
-            let (kh, vh) = (&k[kv..], &v[kv..]);
-            for &(r0, rows, k0, keys) in &blocks {
-                let pb = &mut p[r0 * t + k0..];
-                let (qb, kb) = (&qh[r0 * hd..], &kh[k0 * kvd..]);
-                mm(
+    let mut o: Vec<f32> = Vec::with_capacity(dm.n * hd);
+    let out = Shared {
+        ptr: o.as_mut_ptr(),
+        rs: hd,
+    };
+    p.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+        let (bi, hi) = (bh / h, bh % h);
+        let qh = &q[bi * t * hd + hi * d..];
+        let kv = bi * t * kvd + (hi / rep) * d;
+        let (kt, vh) = (transposed_head(&k[kv..], kvd, dm), &v[kv..]);
+        for &(r0, rows, k0, keys) in &blocks {
+            let qb = (&qh[r0 * hd..], hd, 1);
+            // SAFETY: the block of `p` lies inside this task's chunk, borrowed mutably.
+            unsafe {
+                let pb = (p[r0 * t + k0..].as_mut_ptr(), t);
+                small_mm(
+                    dm.tiles,
                     (rows, keys, d),
                     pb,
-                    t,
                     false,
-                    (qb, hd, 1),
-                    (kb, 1, kvd),
+                    qb,
+                    (&kt[k0..], t),
                     scale,
-                    false,
-                );
-                vectorised(|| {
-                    for i in r0..r0 + rows {
-                        // Query i sees keys lo..=i.
-                        let row = &mut p[i * t..][..t];
-                        let lo = dm.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                        row[..lo].fill(0.0);
-                        row[i + 1..].fill(0.0);
-                        let seen = &mut row[lo..=i];
-                        let m = max(seen);
-                        seen.iter_mut().for_each(|x| *x = exp1(*x - m));
-                        let inv = 1.0 / sum(seen);
-                        seen.iter_mut().for_each(|x| *x *= inv);
-                    }
-                });
-                let (pb, vb) = (&p[r0 * t + k0..], &vh[k0 * kvd..]);
-                mm(
-                    (rows, d, keys),
-                    &mut o[r0 * d..],
-                    d,
-                    false,
-                    (pb, t, 1),
-                    (vb, kvd, 1),
-                    1.0,
-                    false,
                 );
             }
-        });
-    (p, from_heads(&o, h, dm, false))
+            vectorised(|| {
+                for i in r0..r0 + rows {
+                    // Query i sees keys lo..=i.
+                    let row = &mut p[i * t..][..t];
+                    let lo = dm.window.map_or(0, |w| (i + 1).saturating_sub(w));
+                    row[..lo].fill(0.0);
+                    row[i + 1..].fill(0.0);
+                    let seen = &mut row[lo..=i];
+                    let m = max(seen);
+                    seen.iter_mut().for_each(|x| *x = exp1(*x - m));
+                    let inv = 1.0 / sum(seen);
+                    seen.iter_mut().for_each(|x| *x *= inv);
+                }
+            });
+            let pb = (&p[r0 * t + k0..], t, 1);
+            // SAFETY: rows bi·t + r0.. (rows of them) × columns hi·d..(hi + 1)·d of `o` are
+            // this task's alone (one task per sequence and head) and inside its capacity.
+            unsafe {
+                let ob = (out.at(bi * t + r0, hi * d), hd);
+                small_mm(
+                    dm.tiles,
+                    (rows, d, keys),
+                    ob,
+                    false,
+                    pb,
+                    (&vh[k0 * kvd..], kvd),
+                    1.0,
+                );
+            }
+        }
+    });
+    // SAFETY: the blocks cover rows 0..t of every sequence and every head's columns, and each
+    // product above wrote its whole block (`acc` false): all n·H·d values are initialised.
+    unsafe { o.set_len(dm.n * hd) };
+    (p, o)
 }
 
 /// The gradient of [`attention_forward`] (same token-major inputs) for output gradient
-/// `do_tok: [b·t, H·d]`: returns head-major `(dq, dk, dv)` (before RoPE's backward).
+/// `do_tok: [b·t, H·d]`: returns token-major `(dq, dk, dv)`, with RoPE's backward applied to
+/// `dq` and `dk`.
 fn attention_backward(
     q: &[f32],
     k: &[f32],
@@ -731,80 +802,120 @@ fn attention_backward(
     let scale = 1.0 / (d as f32).sqrt();
     let blocks = query_blocks(dm);
     let (hd, kvd) = (h * d, kvh * d);
-    let mut dq = vec![0f32; q.len()];
-    let mut dk = vec![0f32; k.len()];
-    let mut dv = vec![0f32; v.len()];
-    dq.par_chunks_mut(rep * t * d)
-        .zip(dk.par_chunks_mut(t * d))
-        .zip(dv.par_chunks_mut(t * d))
-        .enumerate()
-        .for_each(|(g, ((dq, dk), dv))| {
-            let (bi, kvi) = (g / kvh, g % kvh);
-            let kv = bi * t * kvd + kvi * d;
-            let (kh, vh) = (&k[kv..], &v[kv..]);
-            let mut ds = vec![0f32; QBLOCK * t];
-            for r in 0..rep {
-                let bh = g * rep + r;
-                let head = (bi * t) * hd + (kvi * rep + r) * d;
-                let (qh, ph) = (&q[head..], &p[bh * t * t..][..t * t]);
-                let doh = &do_tok[head..];
-                for &(r0, rows, k0, keys) in &blocks {
-                    let (dob, pb) = (&doh[r0 * hd..], &ph[r0 * t + k0..]);
+    let (mut dq, mut dk, mut dv): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        Vec::with_capacity(q.len()),
+        Vec::with_capacity(k.len()),
+        Vec::with_capacity(v.len()),
+    );
+    let (dqs, dks, dvs) = (
+        Shared {
+            ptr: dq.as_mut_ptr(),
+            rs: hd,
+        },
+        Shared {
+            ptr: dk.as_mut_ptr(),
+            rs: kvd,
+        },
+        Shared {
+            ptr: dv.as_mut_ptr(),
+            rs: kvd,
+        },
+    );
+    (0..dm.b * kvh).into_par_iter().for_each(|g| {
+        let (bi, kvi) = (g / kvh, g % kvh);
+        let kv = bi * t * kvd + kvi * d;
+        let (kh, vt) = (&k[kv..], transposed_head(&v[kv..], kvd, dm));
+        // SAFETY (every access through `dqs`, `dks`, `dvs` below): this task alone touches
+        // rows bi·t..(bi + 1)·t of the kv head's columns of `dk` and `dv` and of its `rep`
+        // query heads' columns of `dq` (one task per sequence and kv head), inside capacity.
+        let (dkb, dvb) = unsafe { (dks.at(bi * t, kvi * d), dvs.at(bi * t, kvi * d)) };
+        for i in 0..t {
+            // SAFETY: as above; zeroes before the products accumulate into them.
+            unsafe {
+                std::ptr::write_bytes(dkb.add(i * kvd), 0, d);
+                std::ptr::write_bytes(dvb.add(i * kvd), 0, d);
+            }
+        }
+        let mut ds = vec![0f32; QBLOCK * t];
+        for r in 0..rep {
+            let hi = kvi * rep + r;
+            let bh = bi * h + hi;
+            let head = (bi * t) * hd + hi * d;
+            let (qh, ph) = (&q[head..], &p[bh * t * t..][..t * t]);
+            let doh = &do_tok[head..];
+            for &(r0, rows, k0, keys) in &blocks {
+                let (dob, pb) = (&doh[r0 * hd..], &ph[r0 * t + k0..]);
+                // SAFETY: `ds` is this task's; the `dv` and `dq` blocks are this task's (above).
+                unsafe {
                     // dP = dO·Vᵀ and dV += Pᵀ·dO over the block's keys.
-                    mm(
+                    let vb = (&vt[k0..], t);
+                    small_mm(
+                        dm.tiles,
                         (rows, keys, d),
-                        &mut ds,
-                        keys,
+                        (ds.as_mut_ptr(), keys),
                         false,
                         (dob, hd, 1),
-                        (&vh[k0 * kvd..], 1, kvd),
+                        vb,
                         1.0,
-                        false,
                     );
-                    mm(
+                    let dvk = (dvb.add(k0 * kvd), kvd);
+                    small_mm(
+                        dm.tiles,
                         (keys, d, rows),
-                        &mut dv[k0 * d..],
-                        d,
+                        dvk,
                         true,
                         (pb, 1, t),
-                        (dob, hd, 1),
+                        (dob, hd),
                         1.0,
-                        false,
                     );
-                    // dS = P ⊙ (dP − Σ dP⊙P) / √d.
-                    vectorised(|| {
-                        for (i, dsr) in ds.chunks_exact_mut(keys).take(rows).enumerate() {
-                            let pr = &pb[i * t..][..keys];
-                            let c = dot(dsr, pr);
-                            for (x, p) in dsr.iter_mut().zip(pr) {
-                                *x = p * (*x - c) * scale;
-                            }
+                }
+                // dS = P ⊙ (dP − Σ dP⊙P) / √d.
+                vectorised(|| {
+                    for (i, dsr) in ds.chunks_exact_mut(keys).take(rows).enumerate() {
+                        let pr = &pb[i * t..][..keys];
+                        let c = dot(dsr, pr);
+                        for (x, p) in dsr.iter_mut().zip(pr) {
+                            *x = p * (*x - c) * scale;
                         }
-                    });
-                    let dqb = &mut dq[r * t * d + r0 * d..];
-                    mm(
+                    }
+                });
+                // SAFETY: as above.
+                unsafe {
+                    let dqb = (dqs.at(bi * t + r0, hi * d), hd);
+                    let kb = (&kh[k0 * kvd..], kvd);
+                    small_mm(
+                        dm.tiles,
                         (rows, d, keys),
                         dqb,
-                        d,
                         false,
                         (&ds, keys, 1),
-                        (&kh[k0 * kvd..], kvd, 1),
+                        kb,
                         1.0,
-                        false,
                     );
-                    mm(
+                    let dkk = (dkb.add(k0 * kvd), kvd);
+                    small_mm(
+                        dm.tiles,
                         (keys, d, rows),
-                        &mut dk[k0 * d..],
-                        d,
+                        dkk,
                         true,
                         (&ds, 1, keys),
-                        (&qh[r0 * hd..], hd, 1),
+                        (&qh[r0 * hd..], hd),
                         1.0,
-                        false,
                     );
                 }
             }
-        });
+        }
+    });
+    // SAFETY: every task zeroed its rows of `dk` and `dv` before accumulating, and the query
+    // blocks' products (`acc` false) wrote all rows of each head's columns of `dq`: every
+    // value of the three is initialised.
+    unsafe {
+        dq.set_len(q.len());
+        dk.set_len(k.len());
+        dv.set_len(v.len());
+    }
+    rope_backward_inplace(&mut dq, h, dm);
+    rope_backward_inplace(&mut dk, kvh, dm);
     (dq, dk, dv)
 }
 
@@ -1077,6 +1188,7 @@ impl Llama {
             window: self.window,
             cos,
             sin,
+            tiles: skinny::available(),
         };
         let n = dm.n;
 
@@ -1132,9 +1244,6 @@ impl Llama {
             let dout = l.o.backward_x_new(&dh1, n, s.drops[3].as_ref());
             l.o.lora_grads(&s.o, &dh1, n, s.drops[3].as_ref(), &mut grads)?;
             let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.p, &dout, &dm);
-            let dq = from_heads(&dq, dm.heads, &dm, true);
-            let dk = from_heads(&dk, dm.kv_heads, &dm, true);
-            let dv = from_heads(&dv, dm.kv_heads, &dm, false);
             l.q.lora_grads(&s.xn, &dq, n, s.drops[0].as_ref(), &mut grads)?;
             l.k.lora_grads(&s.xn, &dk, n, s.drops[1].as_ref(), &mut grads)?;
             l.v.lora_grads(&s.xn, &dv, n, s.drops[2].as_ref(), &mut grads)?;
@@ -1382,6 +1491,61 @@ mod tests {
             let (da, db) = skinny_lora_grads(&x, &dy, saved, &ad, (n, inp, o));
             let (wa, wb) = gemm_lora_grads(&x, &dy, saved, &ad, (n, inp, o));
             for (got, want) in [(&da, &wa), (&db, &wb)] {
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// Attention through the AVX-512 tiles matches it through the GEMM (values and the three
+    /// gradients): grouped heads, a sequence over two query blocks, with and without a
+    /// sliding window; within f32 rounding.
+    #[test]
+    fn attention_tiles_match_the_gemm_path() {
+        if !skinny::available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let (b, t, heads, kv_heads, d) = (2, 77, 4, 2, 32);
+        let val = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
+                .collect()
+        };
+        let (q, k, v) = (
+            val(b * t * heads * d, 1),
+            val(b * t * kv_heads * d, 2),
+            val(b * t * kv_heads * d, 3),
+        );
+        let dout = val(b * t * heads * d, 4);
+        for window in [None, Some(20)] {
+            let dims = |tiles: bool| Dims {
+                b,
+                t,
+                n: b * t,
+                heads,
+                kv_heads,
+                d,
+                eps: 1e-6,
+                window,
+                cos: val(t * d, 5),
+                sin: val(t * d, 6),
+                tiles,
+            };
+            let (gemm, tiles) = (dims(false), dims(true));
+            let (pg, og) = attention_forward(&q, &k, &v, &gemm);
+            let (pt, ot) = attention_forward(&q, &k, &v, &tiles);
+            let bg = attention_backward(&q, &k, &v, &pg, &dout, &gemm);
+            let bt = attention_backward(&q, &k, &v, &pt, &dout, &tiles);
+            for (got, want) in [
+                (&pt, &pg),
+                (&ot, &og),
+                (&bt.0, &bg.0),
+                (&bt.1, &bg.1),
+                (&bt.2, &bg.2),
+            ] {
                 assert_eq!(got.len(), want.len());
                 for (g, w) in got.iter().zip(want.iter()) {
                     assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");

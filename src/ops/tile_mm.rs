@@ -134,6 +134,60 @@ unsafe fn tile_mm_avx512(
     }
 }
 
+/// `out[c·rows + j] = x[j·x_rs + c]` for `j < rows`, `c < cols`: a `rows × cols` block of
+/// row-major `x` transposed into `out` (`cols × rows`), the right operand `Yᵀ` of a product
+/// `X·Yᵀ` for [`tile_mm_to`]. Reads 16 rows at a time with one gather per column (a scalar
+/// loop stores to a new cache line per element). Panics without AVX-512 or if `x` or `out`
+/// is too short.
+pub(crate) fn transpose(x: &[f32], x_rs: usize, (rows, cols): (usize, usize), out: &mut [f32]) {
+    assert!(
+        super::skinny::available(),
+        "transpose: the CPU has no AVX-512"
+    );
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(out.len() >= rows * cols, "transpose: out too short");
+    assert!(
+        x.len() >= (rows - 1) * x_rs + cols,
+        "transpose: x too short"
+    );
+    assert!(
+        i32::try_from(15 * x_rs).is_ok(),
+        "transpose: row stride too large"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is available; the extents are checked above.
+    unsafe {
+        transpose_avx512(x, x_rs, (rows, cols), out)
+    };
+}
+
+/// # Safety
+/// AVX-512F; the extents checked by [`transpose`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(x: &[f32], x_rs: usize, (rows, cols): (usize, usize), out: &mut [f32]) {
+    let rs = x_rs as i32;
+    let idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(rs),
+    );
+    for j0 in (0..rows).step_by(16) {
+        let lanes = (rows - j0).min(16);
+        let mask = ((1u32 << lanes) - 1) as u16;
+        for c in 0..cols {
+            // SAFETY: lanes j0..j0 + lanes < rows read x[j·x_rs + c] and write out[c·rows + j],
+            // inside the checked extents; masked lanes touch no memory.
+            unsafe {
+                let base = x.as_ptr().add(j0 * x_rs + c);
+                let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base);
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(c * rows + j0), mask, v);
+            }
+        }
+    }
+}
+
 /// The operands of one [`tile_mm_to`] call as raw pointers.
 #[cfg(target_arch = "x86_64")]
 struct Ops {
@@ -201,6 +255,29 @@ mod tests {
         (0..len)
             .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
             .collect()
+    }
+
+    /// Row counts with and without a 16-row tail, a padded row stride: exact.
+    #[test]
+    fn transpose_matches_the_definition() {
+        if !super::super::skinny::available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        for &(rows, cols, x_rs) in &[(128, 64, 512), (77, 32, 40), (1, 5, 5), (16, 16, 16)] {
+            let x = values((rows - 1) * x_rs + cols, 4);
+            let mut out = vec![f32::NAN; rows * cols + 3];
+            transpose(&x, x_rs, (rows, cols), &mut out);
+            for j in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(out[c * rows + j], x[j * x_rs + c], "at {j},{c}");
+                }
+            }
+            assert!(
+                out[rows * cols..].iter().all(|v| v.is_nan()),
+                "wrote past the block"
+            );
+        }
     }
 
     /// Every tile shape (row counts 1–6 and a rest, 1–4 vectors, lane tails), transposed and

@@ -57,7 +57,7 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraLinear, Mergeable};
 #[cfg(doc)]
 use crate::models::CausalLm;
-use crate::ops::tile_mm::tile_mm_to;
+use crate::ops::tile_mm::{tile_mm_to, transpose};
 use crate::ops::vecmath::{dot, dot3, exp1, max, sum, vectorised};
 use crate::ops::{gemm, skinny};
 
@@ -546,23 +546,26 @@ struct Dims {
 fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
     let rows = x.len() / h;
-    let mut y = vec![0f32; x.len()];
     let mut inv = vec![0f32; rows];
-    let per = rows_per_task(h);
-    y.par_chunks_mut(h * per)
+    let (per, len) = (rows_per_task(h), rows * h);
+    let mut y = Vec::with_capacity(len);
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut(h * per)
         .zip(inv.par_chunks_mut(per))
-        .zip(x.par_chunks(h * per))
+        .zip(x[..len].par_chunks(h * per))
         .for_each(|((y, inv), x)| {
             vectorised(|| {
                 for ((y, inv), x) in y.chunks_exact_mut(h).zip(inv).zip(x.chunks_exact(h)) {
                     let ms = dot(x, x) / h as f32;
                     *inv = 1.0 / (ms + eps).sqrt();
                     for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                        *y = w * (x * *inv);
+                        y.write(w * (x * *inv));
                     }
                 }
             })
         });
+    // SAFETY: the pieces cover the `rows` whole rows of `h` values, each written above.
+    unsafe { y.set_len(len) };
     (y, inv)
 }
 
@@ -706,6 +709,10 @@ unsafe fn small_mm(
 fn transposed_head(x: &[f32], x_rs: usize, dm: &Dims) -> Vec<f32> {
     let (t, d) = (dm.t, dm.d);
     let mut out = vec![0f32; d * t];
+    if dm.tiles {
+        transpose(x, x_rs, (t, d), &mut out);
+        return out;
+    }
     for (j, row) in x.chunks(x_rs).take(t).enumerate() {
         for (c, v) in row[..d].iter().enumerate() {
             out[c * t + j] = *v;
@@ -924,17 +931,22 @@ const CHUNK: usize = 16 * 1024;
 
 /// `silu(g) ⊙ u = g·u / (1 + e^−g)`.
 fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut y = vec![0f32; g.len()];
-    y.par_chunks_mut(CHUNK)
+    let len = g.len().min(u.len());
+    let mut y = Vec::with_capacity(len);
+    y.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(u.par_chunks(CHUNK))
         .for_each(|((y, g), u)| {
             vectorised(|| {
                 for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g / (1.0 + exp1(-g)) * u;
+                    y.write(g / (1.0 + exp1(-g)) * u);
                 }
             })
         });
+    // SAFETY: the pieces of `y` pair with equally long pieces of `g` and `u` (all at least
+    // `len` long), so every one of the `len` values was written above.
+    unsafe { y.set_len(len) };
     y
 }
 

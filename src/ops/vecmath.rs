@@ -87,16 +87,19 @@ fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
 }
 
 /// `Σ x`.
+#[inline(always)]
 pub(crate) fn sum(x: &[f32]) -> f32 {
     reduce(x, 0.0, |a, b| a + b)
 }
 
 /// `max x` (−∞ for an empty slice; NaN is ignored unless every value is NaN).
+#[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
     reduce(x, f32::NEG_INFINITY, f32::max)
 }
 
 /// `Σ a·b·c` over the common length, in 16 partial sums like [`dot`].
+#[inline(always)]
 pub(crate) fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     let n = a.len().min(b.len()).min(c.len());
     let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
@@ -116,6 +119,7 @@ pub(crate) fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
 }
 
 /// `Σ a·b` over the common length.
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let n = a.len().min(b.len());

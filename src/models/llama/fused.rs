@@ -565,15 +565,18 @@ fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
         .zip(inv.par_chunks_mut(per))
         .zip(x[..len].par_chunks(h * per))
         .for_each(|((y, inv), x)| {
-            vectorised(|| {
-                for ((y, inv), x) in y.chunks_exact_mut(h).zip(inv).zip(x.chunks_exact(h)) {
-                    let ms = dot(x, x) / h as f32;
-                    *inv = 1.0 / (ms + eps).sqrt();
-                    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                        y.write(w * (x * *inv));
+            vectorised(
+                #[inline(always)]
+                || {
+                    for ((y, inv), x) in y.chunks_exact_mut(h).zip(inv).zip(x.chunks_exact(h)) {
+                        let ms = dot(x, x) / h as f32;
+                        *inv = 1.0 / (ms + eps).sqrt();
+                        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                            y.write(w * (x * *inv));
+                        }
                     }
-                }
-            })
+                },
+            )
         });
     // SAFETY: the pieces cover the `rows` whole rows of `h` values, each written above.
     unsafe { y.set_len(len) };
@@ -589,19 +592,22 @@ fn rms_backward(dy: &[f32], x: &[f32], inv: &[f32], w: &[f32], dx: &mut [f32]) {
         .zip(x.par_chunks(h * per))
         .zip(inv.par_chunks(per))
         .for_each(|(((dx, dy), x), inv)| {
-            vectorised(|| {
-                for (((dx, dy), x), &inv) in dx
-                    .chunks_exact_mut(h)
-                    .zip(dy.chunks_exact(h))
-                    .zip(x.chunks_exact(h))
-                    .zip(inv)
-                {
-                    let c = inv * inv * inv * dot3(dy, w, x) / h as f32;
-                    for (((dx, dy), x), w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
-                        *dx += inv * w * dy - c * x;
+            vectorised(
+                #[inline(always)]
+                || {
+                    for (((dx, dy), x), &inv) in dx
+                        .chunks_exact_mut(h)
+                        .zip(dy.chunks_exact(h))
+                        .zip(x.chunks_exact(h))
+                        .zip(inv)
+                    {
+                        let c = inv * inv * inv * dot3(dy, w, x) / h as f32;
+                        for (((dx, dy), x), w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
+                            *dx += inv * w * dy - c * x;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -613,16 +619,19 @@ fn rope_inplace(x: &mut [f32], n: usize, dm: &Dims) {
     x.par_chunks_mut(n * d).enumerate().for_each(|(row, x)| {
         let ti = row % t;
         let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
-        vectorised(|| {
-            for head in x.chunks_exact_mut(d) {
-                let (x1, x2) = head.split_at_mut(half);
-                for j in 0..half {
-                    let (a, b) = (x1[j], x2[j]);
-                    x1[j] = a * c[j] - b * s[j];
-                    x2[j] = b * c[half + j] + a * s[half + j];
+        vectorised(
+            #[inline(always)]
+            || {
+                for head in x.chunks_exact_mut(d) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for j in 0..half {
+                        let (a, b) = (x1[j], x2[j]);
+                        x1[j] = a * c[j] - b * s[j];
+                        x2[j] = b * c[half + j] + a * s[half + j];
+                    }
                 }
-            }
-        })
+            },
+        )
     });
 }
 
@@ -634,16 +643,19 @@ fn rope_backward_inplace(dx: &mut [f32], n: usize, dm: &Dims) {
     dx.par_chunks_mut(n * d).enumerate().for_each(|(row, dx)| {
         let ti = row % t;
         let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
-        vectorised(|| {
-            for head in dx.chunks_exact_mut(d) {
-                let (g1, g2) = head.split_at_mut(half);
-                for j in 0..half {
-                    let (a, b) = (g1[j], g2[j]);
-                    g1[j] = a * c[j] + b * s[half + j];
-                    g2[j] = b * c[half + j] - a * s[j];
+        vectorised(
+            #[inline(always)]
+            || {
+                for head in dx.chunks_exact_mut(d) {
+                    let (g1, g2) = head.split_at_mut(half);
+                    for j in 0..half {
+                        let (a, b) = (g1[j], g2[j]);
+                        g1[j] = a * c[j] + b * s[half + j];
+                        g2[j] = b * c[half + j] - a * s[j];
+                    }
                 }
-            }
-        })
+            },
+        )
     });
 }
 
@@ -775,20 +787,23 @@ fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, V
                     scale,
                 );
             }
-            vectorised(|| {
-                for i in r0..r0 + rows {
-                    // Query i sees keys lo..=i.
-                    let row = &mut p[i * t..][..t];
-                    let lo = dm.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                    row[..lo].fill(0.0);
-                    row[i + 1..].fill(0.0);
-                    let seen = &mut row[lo..=i];
-                    let m = max(seen);
-                    seen.iter_mut().for_each(|x| *x = exp1(*x - m));
-                    let inv = 1.0 / sum(seen);
-                    seen.iter_mut().for_each(|x| *x *= inv);
-                }
-            });
+            vectorised(
+                #[inline(always)]
+                || {
+                    for i in r0..r0 + rows {
+                        // Query i sees keys lo..=i.
+                        let row = &mut p[i * t..][..t];
+                        let lo = dm.window.map_or(0, |w| (i + 1).saturating_sub(w));
+                        row[..lo].fill(0.0);
+                        row[i + 1..].fill(0.0);
+                        let seen = &mut row[lo..=i];
+                        let m = max(seen);
+                        seen.iter_mut().for_each(|x| *x = exp1(*x - m));
+                        let inv = 1.0 / sum(seen);
+                        seen.iter_mut().for_each(|x| *x *= inv);
+                    }
+                },
+            );
             let pb = (&p[r0 * t + k0..], t, 1);
             // SAFETY: rows bi·t + r0.. (rows of them) × columns hi·d..(hi + 1)·d of `o` are
             // this task's alone (one task per sequence and head) and inside its capacity.
@@ -896,15 +911,18 @@ fn attention_backward(
                     );
                 }
                 // dS = P ⊙ (dP − Σ dP⊙P) / √d.
-                vectorised(|| {
-                    for (i, dsr) in ds.chunks_exact_mut(keys).take(rows).enumerate() {
-                        let pr = &pb[i * t..][..keys];
-                        let c = dot(dsr, pr);
-                        for (x, p) in dsr.iter_mut().zip(pr) {
-                            *x = p * (*x - c) * scale;
+                vectorised(
+                    #[inline(always)]
+                    || {
+                        for (i, dsr) in ds.chunks_exact_mut(keys).take(rows).enumerate() {
+                            let pr = &pb[i * t..][..keys];
+                            let c = dot(dsr, pr);
+                            for (x, p) in dsr.iter_mut().zip(pr) {
+                                *x = p * (*x - c) * scale;
+                            }
                         }
-                    }
-                });
+                    },
+                );
                 // SAFETY: as above.
                 unsafe {
                     let dqb = (dqs.at(bi * t + r0, hi * d), hd);
@@ -957,11 +975,14 @@ fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
         .zip(g.par_chunks(CHUNK))
         .zip(u.par_chunks(CHUNK))
         .for_each(|((y, g), u)| {
-            vectorised(|| {
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    y.write(g / (1.0 + exp1(-g)) * u);
-                }
-            })
+            vectorised(
+                #[inline(always)]
+                || {
+                    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                        y.write(g / (1.0 + exp1(-g)) * u);
+                    }
+                },
+            )
         });
     // SAFETY: the pieces of `y` pair with equally long pieces of `g` and `u` (all at least
     // `len` long), so every one of the `len` values was written above.
@@ -976,15 +997,18 @@ fn swiglu_backward(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
         .zip(u.par_chunks_mut(CHUNK))
         .zip(dy.par_chunks(CHUNK))
         .for_each(|((g, u), dy)| {
-            vectorised(|| {
-                for ((g, u), dy) in g.iter_mut().zip(u.iter_mut()).zip(dy) {
-                    let sig = 1.0 / (1.0 + exp1(-*g));
-                    let silu = *g * sig;
-                    let dg = dy * *u * sig * (1.0 + *g * (1.0 - sig));
-                    *u = dy * silu;
-                    *g = dg;
-                }
-            })
+            vectorised(
+                #[inline(always)]
+                || {
+                    for ((g, u), dy) in g.iter_mut().zip(u.iter_mut()).zip(dy) {
+                        let sig = 1.0 / (1.0 + exp1(-*g));
+                        let silu = *g * sig;
+                        let dg = dy * *u * sig * (1.0 + *g * (1.0 - sig));
+                        *u = dy * silu;
+                        *g = dg;
+                    }
+                },
+            )
         });
 }
 
@@ -999,16 +1023,19 @@ fn cross_entropy(logits: &mut [f32], v: usize, targets: &[Option<u32>]) -> f64 {
                 row.fill(0.0);
                 return 0.0;
             };
-            vectorised(|| {
-                let mx = max(row);
-                let picked = row[tgt as usize];
-                row.iter_mut().for_each(|x| *x = exp1(*x - mx));
-                let total = sum(row);
-                let inv = 1.0 / total;
-                row.iter_mut().for_each(|x| *x *= inv);
-                row[tgt as usize] -= 1.0;
-                f64::from(mx + total.ln() - picked)
-            })
+            vectorised(
+                #[inline(always)]
+                || {
+                    let mx = max(row);
+                    let picked = row[tgt as usize];
+                    row.iter_mut().for_each(|x| *x = exp1(*x - mx));
+                    let total = sum(row);
+                    let inv = 1.0 / total;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    row[tgt as usize] -= 1.0;
+                    f64::from(mx + total.ln() - picked)
+                },
+            )
         })
         .sum()
 }
@@ -1017,7 +1044,12 @@ fn cross_entropy(logits: &mut [f32], v: usize, targets: &[Option<u32>]) -> f64 {
 fn add_into(a: &mut [f32], b: &[f32]) {
     a.par_chunks_mut(16 * 1024)
         .zip(b.par_chunks(16 * 1024))
-        .for_each(|(a, b)| vectorised(|| a.iter_mut().zip(b).for_each(|(a, b)| *a += b)));
+        .for_each(|(a, b)| {
+            vectorised(
+                #[inline(always)]
+                || a.iter_mut().zip(b).for_each(|(a, b)| *a += b),
+            )
+        });
 }
 
 /// Contiguous f32 CPU data of a guarded storage.

@@ -13,6 +13,12 @@
 //! masked. A product `X·Yᵀ` is `tile_mm_to` with `y = Yᵀ` (a transposed copy of a 64-wide head
 //! is cheap next to the product).
 //!
+//! Saved: attention forward + backward of one benchmark layer (batch 8 × 128 tokens, 8 heads of
+//! 64, 2 threads) takes 0.86× the time it takes through the gemm crate with the rest of the code
+//! the same (about 4.7 → 4.0 ms; median of 8 alternating rounds of 60), part of it from the
+//! thinner query blocks the tiles afford (`QBLOCK_TILES` in the fused step). In a profile of the
+//! whole step the kernel is ~5 %.
+//!
 //! Needs AVX-512 ([`super::skinny::available`]); callers use the general GEMM elsewhere. Sums
 //! run over `p` in order, one product at a time, so results differ from the GEMM's by rounding
 //! only (tested against an f64 reference).

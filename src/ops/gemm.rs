@@ -266,13 +266,14 @@ fn threads() -> usize {
 }
 
 /// A row-major output: its first element and row stride. It crosses to rayon's threads, each
-/// of which writes its own block of it.
+/// of which writes its own block of it (here in `gemm_split`, and in the fused Llama step's
+/// attention, one head's columns per task).
 #[derive(Clone, Copy)]
-struct Out {
-    ptr: *mut f32,
-    rs: usize,
+pub(crate) struct Out {
+    pub(crate) ptr: *mut f32,
+    pub(crate) rs: usize,
 }
-// SAFETY: `gemm_split` hands every thread a disjoint block of the output.
+// SAFETY: every user hands each thread a disjoint block of the output.
 unsafe impl Send for Out {}
 // SAFETY: as above; the pointer is only copied, never dereferenced through a shared borrow.
 unsafe impl Sync for Out {}
@@ -282,7 +283,7 @@ impl Out {
     ///
     /// # Safety
     /// `(i, j)` must lie inside the output.
-    unsafe fn at(self, i: usize, j: usize) -> Out {
+    pub(crate) unsafe fn at(self, i: usize, j: usize) -> Out {
         Out {
             // SAFETY: the caller's contract.
             ptr: unsafe { self.ptr.add(i * self.rs + j) },

@@ -31,6 +31,14 @@ pub(crate) fn fusable(t: &candle_core::Tensor) -> bool {
 pub(crate) mod testing {
     use candle_core::{Device, Tensor};
 
+    /// `len` deterministic values in `[−1, 1)` (a different sequence per `seed`), for kernel
+    /// tests on plain slices.
+    pub fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
     /// A normal(0, 1) tensor from a seed.
     pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
         crate::layers::normal(shape, 1.0, &crate::layers::LoraRng::new(seed), &Device::Cpu).unwrap()

@@ -359,12 +359,7 @@ unsafe fn update_block<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
-            .collect()
-    }
+    use crate::ops::testing::values;
 
     fn close(got: f32, want: f64, terms: usize) -> bool {
         (got as f64 - want).abs() <= 1e-6 * (terms as f64).sqrt() * (1.0 + want.abs())

@@ -256,12 +256,7 @@ unsafe fn tile<const R: usize, const V: usize>(o: &Ops, i0: usize, j0: usize, ma
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
-            .collect()
-    }
+    use crate::ops::testing::values;
 
     /// Row counts with and without a 16-row tail, a padded row stride: exact.
     #[test]

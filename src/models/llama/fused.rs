@@ -59,6 +59,7 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraLinear, Mergeable};
 #[cfg(doc)]
 use crate::models::CausalLm;
+use crate::ops::gemm::Out;
 use crate::ops::tile_mm::{tile_mm_to, transpose};
 use crate::ops::vecmath::{dot, dot3, exp1, max, sum, vectorised};
 use crate::ops::{gemm, skinny};
@@ -494,9 +495,9 @@ fn layer_forward(
     let [mq, mk, mv, mo, mg, mu, md] = masks;
     let (xn, inv1) = rms_forward(&x, l.n1, dm.eps);
     let (mut q, dq_) = l.q.forward(&xn, n, mq);
-    rope_inplace(&mut q, dm.heads, dm);
+    rope_inplace(&mut q, dm.heads, dm, false);
     let (mut k, dk_) = l.k.forward(&xn, n, mk);
-    rope_inplace(&mut k, dm.kv_heads, dm);
+    rope_inplace(&mut k, dm.kv_heads, dm, false);
     let (v, dv_) = l.v.forward(&xn, n, mv);
     let (p, o) = attention_forward(&q, &k, &v, dm);
     let (mut h1, do_) = l.o.forward(&o, n, mo);
@@ -614,10 +615,13 @@ fn rms_backward(dy: &[f32], x: &[f32], inv: &[f32], w: &[f32], dx: &mut [f32]) {
 }
 
 /// RoPE in place on token-major `x: [b·t, n·d]` (`n` heads of `d`):
-/// `x ← x ⊙ cos + rotate_half(x) ⊙ sin` per head, position `t` of each row.
-fn rope_inplace(x: &mut [f32], n: usize, dm: &Dims) {
+/// `x ← x ⊙ cos + rotate_half(x) ⊙ sin` per head, position `t` of each row; with `inverse`
+/// the rotation by −angle (`sin` negated), which is RoPE's backward (its transpose, as the
+/// tables' two halves are equal).
+fn rope_inplace(x: &mut [f32], n: usize, dm: &Dims, inverse: bool) {
     let (t, d) = (dm.t, dm.d);
     let half = d / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
     x.par_chunks_mut(n * d).enumerate().for_each(|(row, x)| {
         let ti = row % t;
         let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
@@ -628,32 +632,8 @@ fn rope_inplace(x: &mut [f32], n: usize, dm: &Dims) {
                     let (x1, x2) = head.split_at_mut(half);
                     for j in 0..half {
                         let (a, b) = (x1[j], x2[j]);
-                        x1[j] = a * c[j] - b * s[j];
-                        x2[j] = b * c[half + j] + a * s[half + j];
-                    }
-                }
-            },
-        )
-    });
-}
-
-/// RoPE's backward in place on token-major `dx: [b·t, n·d]` (`n` heads of `d`): the rotation
-/// by −angle, `dx ← dx ⊙ cos − rotate_half(dx ⊙ sin)` per head, position `t` of each row.
-fn rope_backward_inplace(dx: &mut [f32], n: usize, dm: &Dims) {
-    let (t, d) = (dm.t, dm.d);
-    let half = d / 2;
-    dx.par_chunks_mut(n * d).enumerate().for_each(|(row, dx)| {
-        let ti = row % t;
-        let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
-        vectorised(
-            #[inline(always)]
-            || {
-                for head in dx.chunks_exact_mut(d) {
-                    let (g1, g2) = head.split_at_mut(half);
-                    for j in 0..half {
-                        let (a, b) = (g1[j], g2[j]);
-                        g1[j] = a * c[j] + b * s[half + j];
-                        g2[j] = b * c[half + j] - a * s[j];
+                        x1[j] = a * c[j] - b * (sign * s[j]);
+                        x2[j] = b * c[half + j] + a * (sign * s[half + j]);
                     }
                 }
             },
@@ -684,29 +664,6 @@ fn query_blocks(dm: &Dims) -> Vec<(usize, usize, usize, usize)> {
             (r0, rows, k0, r0 + rows - k0)
         })
         .collect()
-}
-
-/// A token-major buffer that attention's tasks write in disjoint blocks (one head's columns of
-/// one sequence's rows each): its first element and row stride.
-#[derive(Clone, Copy)]
-struct Shared {
-    ptr: *mut f32,
-    rs: usize,
-}
-// SAFETY: every task writes only its own block (see the callers); the pointer is only copied.
-unsafe impl Send for Shared {}
-// SAFETY: as above.
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The element at row `i`, column `j`.
-    ///
-    /// # Safety
-    /// `(i, j)` must lie inside the buffer.
-    unsafe fn at(self, i: usize, j: usize) -> *mut f32 {
-        // SAFETY: the caller's contract.
-        unsafe { self.ptr.add(i * self.rs + j) }
-    }
 }
 
 /// `c (+)= beta·a·y` for attention's small products on this thread, `y` row-major (rows `y_rs`
@@ -765,7 +722,8 @@ fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, V
     let blocks = query_blocks(dm);
     let mut p = vec![0f32; dm.b * h * t * t];
     let mut o: Vec<f32> = Vec::with_capacity(dm.n * hd);
-    let out = Shared {
+    // Each task writes its head's columns of `o` (below).
+    let out = Out {
         ptr: o.as_mut_ptr(),
         rs: hd,
     };
@@ -810,7 +768,7 @@ fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, V
             // SAFETY: rows bi·t + r0.. (rows of them) × columns hi·d..(hi + 1)·d of `o` are
             // this task's alone (one task per sequence and head) and inside its capacity.
             unsafe {
-                let ob = (out.at(bi * t + r0, hi * d), hd);
+                let ob = (out.at(bi * t + r0, hi * d).ptr, hd);
                 small_mm(
                     dm.tiles,
                     (rows, d, keys),
@@ -851,15 +809,15 @@ fn attention_backward(
         Vec::with_capacity(v.len()),
     );
     let (dqs, dks, dvs) = (
-        Shared {
+        Out {
             ptr: dq.as_mut_ptr(),
             rs: hd,
         },
-        Shared {
+        Out {
             ptr: dk.as_mut_ptr(),
             rs: kvd,
         },
-        Shared {
+        Out {
             ptr: dv.as_mut_ptr(),
             rs: kvd,
         },
@@ -871,7 +829,7 @@ fn attention_backward(
         // SAFETY (every access through `dqs`, `dks`, `dvs` below): this task alone touches
         // rows bi·t..(bi + 1)·t of the kv head's columns of `dk` and `dv` and of its `rep`
         // query heads' columns of `dq` (one task per sequence and kv head), inside capacity.
-        let (dkb, dvb) = unsafe { (dks.at(bi * t, kvi * d), dvs.at(bi * t, kvi * d)) };
+        let (dkb, dvb) = unsafe { (dks.at(bi * t, kvi * d).ptr, dvs.at(bi * t, kvi * d).ptr) };
         for i in 0..t {
             // SAFETY: as above; zeroes before the products accumulate into them.
             unsafe {
@@ -927,7 +885,7 @@ fn attention_backward(
                 );
                 // SAFETY: as above.
                 unsafe {
-                    let dqb = (dqs.at(bi * t + r0, hi * d), hd);
+                    let dqb = (dqs.at(bi * t + r0, hi * d).ptr, hd);
                     let kb = (&kh[k0 * kvd..], kvd);
                     small_mm(
                         dm.tiles,
@@ -960,8 +918,8 @@ fn attention_backward(
         dk.set_len(k.len());
         dv.set_len(v.len());
     }
-    rope_backward_inplace(&mut dq, h, dm);
-    rope_backward_inplace(&mut dk, kvh, dm);
+    rope_inplace(&mut dq, h, dm, true);
+    rope_inplace(&mut dk, kvh, dm, true);
     (dq, dk, dv)
 }
 
@@ -1338,6 +1296,7 @@ mod tests {
     use crate::config::{InitLoraWeights, LoraConfig};
     use crate::models::llama::tests::{ids, random_weights, tiny};
     use crate::models::CausalLm;
+    use crate::ops::testing::values as val;
     use crate::train::loss::causal_lm_loss_sum;
     use candle_core::Device;
 
@@ -1531,11 +1490,6 @@ mod tests {
             return;
         }
         let (n, inp, o, r) = (37, 40, 24, 11);
-        let val = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
-                .collect()
-        };
         let var = |len: usize| {
             Var::from_tensor(&Tensor::zeros(len, DType::F32, &candle_core::Device::Cpu).unwrap())
                 .unwrap()
@@ -1574,11 +1528,6 @@ mod tests {
             return;
         }
         let (b, t, heads, kv_heads, d) = (2, 77, 4, 2, 32);
-        let val = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0)
-                .collect()
-        };
         let (q, k, v) = (
             val(b * t * heads * d, 1),
             val(b * t * kv_heads * d, 2),

@@ -1,10 +1,11 @@
 //! An AVX-512 kernel for the small products inside attention.
 //!
-//! Why: the fused Llama step's attention runs, per head and 64-row query block, products of
-//! 64 × 64 × 64 to 64 × 128 × 64 (`Q·Kᵀ`, `P·V`, and in the backward `dO·Vᵀ`, `Pᵀ·dO`, `dS·K`,
-//! `dSᵀ·Q`). Through the `gemm` crate each call packs its operands and dispatches for a
-//! product of a few hundred thousand FLOPs: the attention of the benchmark Llama took ~10 % of
-//! its training step at ~80 GFLOPS, against ~270 for the step's large GEMMs.
+//! Why: the fused Llama step's attention runs, per head and query block, small products
+//! (`Q·Kᵀ`, `P·V`, and in the backward `dO·Vᵀ`, `Pᵀ·dO`, `dS·K`, `dSᵀ·Q`; 64 × 64 × 64 to
+//! 64 × 128 × 64 with the 64-row blocks it used). Through the `gemm` crate each call packs its
+//! operands and dispatches for a product of a few hundred thousand FLOPs: the attention of the
+//! benchmark Llama took ~10 % of its training step at ~80 GFLOPS, against ~270 for the step's
+//! large GEMMs.
 //!
 //! [`tile_mm_to`]: `c[i, j] (+)= scale · Σ_p a[i·a_rs + p·a_cs] · y[p·y_rs + j]`. The output's
 //! columns run along the 16-lane vectors, `a` is read one broadcast value at a time through
@@ -74,40 +75,31 @@ pub(crate) unsafe fn tile_mm_to(
     );
     assert!(y.len() >= (k - 1) * y_rs + n, "tile_mm: y too short");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is available; `a` and `y` are checked above, `c` is the caller's.
-    unsafe {
-        tile_mm_avx512((m, n, k), a, (a_rs, a_cs), y, y_rs, scale, c, c_rs, acc)
-    };
+    {
+        let ops = Ops {
+            k,
+            a: a.as_ptr(),
+            a_rs,
+            a_cs,
+            y: y.as_ptr(),
+            y_rs,
+            c,
+            c_rs,
+            scale,
+            acc,
+        };
+        // SAFETY: AVX-512F is available; `a` and `y` are checked above, `c` is the caller's.
+        unsafe { tile_mm_avx512(&ops, m, n) };
+    }
 }
 
+/// The `m × n` output of `ops` tile by tile.
+///
 /// # Safety
 /// AVX-512F; the extents checked by [`tile_mm_to`] and its contract on `c`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_mm_avx512(
-    (m, n, k): (usize, usize, usize),
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    y: &[f32],
-    y_rs: usize,
-    scale: f32,
-    c: *mut f32,
-    c_rs: usize,
-    acc: bool,
-) {
-    let ops = Ops {
-        k,
-        a: a.as_ptr(),
-        a_rs,
-        a_cs,
-        y: y.as_ptr(),
-        y_rs,
-        c,
-        c_rs,
-        scale,
-        acc,
-    };
+unsafe fn tile_mm_avx512(ops: &Ops, m: usize, n: usize) {
     for j0 in (0..n).step_by(16 * CV) {
         let nj = (n - j0).min(16 * CV);
         let mut masks = [0u16; CV];
@@ -125,10 +117,10 @@ unsafe fn tile_mm_avx512(
                     ($($r:literal),*) => {
                         match (rows, nv) {
                             $(
-                                ($r, 1) => tile::<$r, 1>(&ops, i0, j0, &masks),
-                                ($r, 2) => tile::<$r, 2>(&ops, i0, j0, &masks),
-                                ($r, 3) => tile::<$r, 3>(&ops, i0, j0, &masks),
-                                ($r, _) => tile::<$r, 4>(&ops, i0, j0, &masks),
+                                ($r, 1) => tile::<$r, 1>(ops, i0, j0, &masks),
+                                ($r, 2) => tile::<$r, 2>(ops, i0, j0, &masks),
+                                ($r, 3) => tile::<$r, 3>(ops, i0, j0, &masks),
+                                ($r, _) => tile::<$r, 4>(ops, i0, j0, &masks),
                             )*
                             _ => unreachable!("rows per tile are 1..=6"),
                         }

@@ -59,7 +59,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&serde_json::Value::Object(res))?;
-        lora::st::write_text_atomic(path, &(text + "\n")).context("writing the JSON")?;
+        lora::tensor_file::write_text_atomic(path, &(text + "\n")).context("writing the JSON")?;
     }
     Ok(())
 }

@@ -8,9 +8,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lora::merge::{merge_checkpoint, Direction, MergeOptions};
 use lora::models::{Llama, LlamaConfig};
-use lora::train::checkpoint::{find_checkpoint, TrainMode, TrainerState};
 use lora::train::data::{Dataset, LazyTokenizer};
 use lora::train::metrics::Record;
+use lora::train::resume::{find_checkpoint, TrainMode, TrainerState};
 use lora::train::{Event, Length, SaveMode, Schedule, TrainConfig, Trainer};
 use lora::{Adapter, Checkpoint, LoraBuilder, LoraConfig, TargetModules};
 

@@ -39,10 +39,10 @@ use super::config::{LlamaConfig, RopeConfig};
 use super::CausalLm;
 use crate::adapter::Adapter;
 use crate::builder::LoraBuilder;
-use crate::checkpoint::Checkpoint;
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::layers::{LoraEmbedding, LoraLinear, Mergeable};
+use crate::model_weights::Checkpoint;
 
 mod fused;
 pub use fused::{FusedGrads, FusedOptions};

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::error::Result;
 use crate::layers::{normal, LoraRng};
-use crate::st;
+use crate::tensor_file;
 
 /// Special tokens, at ids 0, 1, 2 as in Llama tokenizers.
 pub const SPECIALS: [&str; 3] = ["<unk>", "<s>", "</s>"];
@@ -165,8 +165,12 @@ pub fn write_random_model(dir: &Path, shape: BaseShape, seed: u64) -> Result<()>
         "model.norm.weight".into(),
         Tensor::ones(h, DType::F32, &dev)?,
     );
-    st::save(&dir.join("model.safetensors"), &t, &st::pt_metadata())?;
+    tensor_file::save(
+        &dir.join("model.safetensors"),
+        &t,
+        &tensor_file::pt_metadata(),
+    )?;
     let cfg = serde_json::to_string_pretty(&config_json(shape)).unwrap_or_default();
-    st::write_text_atomic(&dir.join("config.json"), &cfg)?;
-    st::write_text_atomic(&dir.join("tokenizer.json"), &char_tokenizer_json())
+    tensor_file::write_text_atomic(&dir.join("config.json"), &cfg)?;
+    tensor_file::write_text_atomic(&dir.join("tokenizer.json"), &char_tokenizer_json())
 }

@@ -10,13 +10,13 @@ use serde::Serialize;
 
 use crate::alloc::CountingAlloc;
 use crate::builder::LoraBuilder;
-use crate::checkpoint::Checkpoint;
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{Error, Result};
 use crate::merge::{merge_checkpoint, Direction, MergeOptions};
+use crate::model_weights::Checkpoint;
 use crate::models::{CausalLm, Llama, LlamaConfig};
 use crate::quickstart::tasks::{self, Example};
-use crate::st;
+use crate::tensor_file;
 use crate::train::data::Dataset;
 use crate::train::metrics::Record;
 use crate::train::plot::plot_losses;
@@ -134,7 +134,7 @@ pub enum Progress<'a> {
 pub fn write_base(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     for (name, bytes) in BASE_FILES {
-        let mut f = st::AtomicFile::create(&dir.join(name))?;
+        let mut f = tensor_file::AtomicFile::create(&dir.join(name))?;
         f.write_all(bytes)?;
         f.commit()?;
     }
@@ -166,13 +166,15 @@ pub fn run(
     let train_ex = tasks::task_b(&train_words);
     let held_ex = tasks::task_b(&held_words);
     let data_dir = out.join("data");
-    st::write_text_atomic(&data_dir.join("train.jsonl"), &tasks::to_jsonl(&train_ex)).or_else(
-        |_| {
+    tensor_file::write_text_atomic(&data_dir.join("train.jsonl"), &tasks::to_jsonl(&train_ex))
+        .or_else(|_| {
             std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(&data_dir, e))?;
-            st::write_text_atomic(&data_dir.join("train.jsonl"), &tasks::to_jsonl(&train_ex))
-        },
-    )?;
-    st::write_text_atomic(&data_dir.join("heldout.jsonl"), &tasks::to_jsonl(&held_ex))?;
+            tensor_file::write_text_atomic(
+                &data_dir.join("train.jsonl"),
+                &tasks::to_jsonl(&train_ex),
+            )
+        })?;
+    tensor_file::write_text_atomic(&data_dir.join("heldout.jsonl"), &tasks::to_jsonl(&held_ex))?;
     let mut lazy = crate::train::data::LazyTokenizer::new(
         Some(base_dir.join("tokenizer.json")),
         cfg.vocab_size,
@@ -308,7 +310,7 @@ pub fn run(
         out: out.clone(),
     };
     let json = serde_json::to_string_pretty(&report).map_err(|e| Error::State(e.to_string()))?;
-    st::write_text_atomic(&out.join("report.json"), &json)?;
+    tensor_file::write_text_atomic(&out.join("report.json"), &json)?;
     Ok(report)
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::st::SafeFile;
+use crate::tensor_file::SafeFile;
 
 /// The single-file weights name transformers writes.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -229,10 +229,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = candle_core::Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
         let m = BTreeMap::from([("a".to_string(), t)]);
-        crate::st::save(
+        crate::tensor_file::save(
             &dir.path().join("s1.safetensors"),
             &m,
-            &crate::st::pt_metadata(),
+            &crate::tensor_file::pt_metadata(),
         )
         .unwrap();
         let index = r#"{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors"}}"#;

@@ -193,7 +193,7 @@ impl TrainerState {
     /// Writes it to `dir/trainer_state.json`, atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::State(e.to_string()))?;
-        crate::st::write_text_atomic(&dir.join(STATE_FILE), &text)
+        crate::tensor_file::write_text_atomic(&dir.join(STATE_FILE), &text)
     }
 }
 

@@ -7,7 +7,7 @@
 //! ```
 use std::path::PathBuf;
 
-use lora::quickstart::{base, tasks};
+use lora::app::quickstart::{base, tasks};
 
 fn main() -> lora::Result<()> {
     let dir = PathBuf::from(

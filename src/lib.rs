@@ -6,11 +6,11 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
-pub mod alloc;
-pub mod bench;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod app;
 pub mod builder;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod keys;
 pub mod layers;
@@ -18,7 +18,6 @@ pub mod merge;
 pub mod model_weights;
 pub mod models;
 mod ops;
-pub mod quickstart;
 pub mod target;
 pub mod tensor_file;
 pub mod train;

@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lora::app::plot;
 use lora::merge::{merge_checkpoint, Direction, MergeOptions};
 use lora::models::{Llama, LlamaConfig};
 use lora::train::data::{Dataset, LazyTokenizer};
@@ -275,6 +276,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     let summary = summary?;
+    plot::plot_losses(&summary.records, &a.out.join(plot::PLOT_FILE))?;
 
     let last = summary.records.iter().rev().find_map(|r| match r {
         Record::Step(s) => Some(s.loss),
@@ -301,7 +303,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         } else {
             ""
         },
-        lora::bench::peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB")),
+        lora::app::bench::peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB")),
     );
     if let Some(dir) = &a.merge_out {
         let adapter = Adapter::load(&a.out, &dev)?;

@@ -20,14 +20,13 @@
 //! stops training with an error before any weight is touched, leaving the last checkpoint.
 //!
 //! Outputs in the output folder: the final adapter in PEFT's format (or `model.safetensors`
-//! plus the model's config and tokenizer files under full fine-tuning), `metrics.jsonl`,
-//! `loss.png` and the `checkpoint-<step>` folders.
+//! plus the model's config and tokenizer files under full fine-tuning), `metrics.jsonl`
+//! and the `checkpoint-<step>` folders (`lora train` adds the loss curve, `loss.png`).
 
 pub mod data;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
-pub mod plot;
 pub mod resume;
 pub mod schedule;
 
@@ -493,7 +492,6 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
             }
         }
         self.save_final()?;
-        plot::plot_losses(&self.records, &self.out.join(plot::PLOT_FILE))?;
         Ok(Summary {
             steps: self.pos.step,
             records: self.records.clone(),

@@ -251,10 +251,9 @@ fn training_lowers_the_loss_and_writes_every_output() {
         Some("toy-base")
     );
     assert_eq!(a.modules.len(), 2);
-    // metrics.jsonl holds every record, loss.png exists.
+    // metrics.jsonl holds every record.
     let recs = metrics::read_metrics(&out.join(metrics::METRICS_FILE)).unwrap();
     assert_records_match(&recs, &s.records);
-    assert!(out.join(plot::PLOT_FILE).is_file());
     // Checkpoints every 4 steps, each a loadable adapter + optimizer + state.
     for step in [4, 8, 12, 16, 20, 24] {
         let ck = out.join(format!("checkpoint-{step}"));

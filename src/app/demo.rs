@@ -24,8 +24,8 @@ use std::fmt::Write as _;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::alloc::CountingAlloc;
-use crate::bench::median_ms;
+use crate::app::alloc::CountingAlloc;
+use crate::app::bench::median_ms;
 use crate::config::InitLoraWeights;
 use crate::error::Result;
 use crate::layers::{kaiming_uniform, normal, LoraLinear, LoraRng, LoraSpec, Mergeable};

@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 /// The shipped word list (see `assets/quickstart/WORDS-LICENSE.txt`).
-pub const WORDS: &str = include_str!("../../assets/quickstart/words.txt");
+pub const WORDS: &str = include_str!("../../../assets/quickstart/words.txt");
 
 /// One prompt with its expected completion.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

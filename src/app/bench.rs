@@ -209,7 +209,10 @@ fn random_llama_weights(
 /// median; `alloc` (the global counting allocator, when installed) measures the step's heap
 /// peak. The same step with activation checkpointing is measured too (one step's heap peak,
 /// then the median of 5 steps), after the plain timing.
-pub fn llama_bench(runs: usize, alloc: Option<&crate::alloc::CountingAlloc>) -> Result<LlamaBench> {
+pub fn llama_bench(
+    runs: usize,
+    alloc: Option<&crate::app::alloc::CountingAlloc>,
+) -> Result<LlamaBench> {
     use crate::builder::{LoraBuilder, MapSource};
     use crate::models::{CausalLm, FusedOptions, Llama};
     use crate::train::loss::causal_lm_loss;

@@ -8,33 +8,33 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::alloc::CountingAlloc;
+use crate::app::alloc::CountingAlloc;
+use crate::app::plot::plot_losses;
+use crate::app::quickstart::tasks::{self, Example};
 use crate::builder::LoraBuilder;
 use crate::config::{LoraConfig, TargetModules};
 use crate::error::{Error, Result};
 use crate::merge::{merge_checkpoint, Direction, MergeOptions};
 use crate::model_weights::Checkpoint;
 use crate::models::{CausalLm, Llama, LlamaConfig};
-use crate::quickstart::tasks::{self, Example};
 use crate::tensor_file;
 use crate::train::data::Dataset;
 use crate::train::metrics::Record;
-use crate::train::plot::plot_losses;
 use crate::train::{Event, Length, SaveMode, Schedule, TrainConfig, Trainer};
 
 /// The shipped base model (see `assets/quickstart/base/README.md`).
 pub const BASE_FILES: [(&str, &[u8]); 3] = [
     (
         "config.json",
-        include_bytes!("../../assets/quickstart/base/config.json"),
+        include_bytes!("../../../assets/quickstart/base/config.json"),
     ),
     (
         "tokenizer.json",
-        include_bytes!("../../assets/quickstart/base/tokenizer.json"),
+        include_bytes!("../../../assets/quickstart/base/tokenizer.json"),
     ),
     (
         "model.safetensors",
-        include_bytes!("../../assets/quickstart/base/model.safetensors"),
+        include_bytes!("../../../assets/quickstart/base/model.safetensors"),
     ),
 ];
 

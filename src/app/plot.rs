@@ -7,8 +7,8 @@ use std::sync::Once;
 
 use plotters::prelude::*;
 
-use super::metrics::Record;
 use crate::error::{Error, Result};
+use crate::train::metrics::Record;
 
 /// The plot's file name in the output folder.
 pub const PLOT_FILE: &str = "loss.png";

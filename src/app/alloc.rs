@@ -6,7 +6,7 @@
 //! type; a binary installs it:
 //!
 //! ```
-//! use lora::alloc::CountingAlloc;
+//! use lora::app::alloc::CountingAlloc;
 //!
 //! #[global_allocator]
 //! static ALLOC: CountingAlloc = CountingAlloc::new();

@@ -214,8 +214,8 @@ pub fn llama_bench(
     alloc: Option<&crate::app::alloc::CountingAlloc>,
 ) -> Result<LlamaBench> {
     use crate::builder::{LoraBuilder, MapSource};
+    use crate::models::loss::causal_lm_loss;
     use crate::models::{CausalLm, FusedOptions, Llama};
-    use crate::train::loss::causal_lm_loss;
     use crate::train::optim::{AdamW, AdamWConfig};
     use rand::{Rng, SeedableRng};
 

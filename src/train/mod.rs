@@ -24,7 +24,6 @@
 //! and the `checkpoint-<step>` folders (`lora train` adds the loss curve, `loss.png`).
 
 pub mod data;
-pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod resume;
@@ -47,6 +46,8 @@ use data::{Batch, Dataset};
 use metrics::{EvalRecord, MetricsLog, Record, StepRecord};
 use optim::{AdamW, AdamWConfig};
 use resume::{RngState, TrainMode, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
+// The causal-LM loss is the models' objective and lives with them; training uses it from here.
+pub use crate::models::loss;
 pub use schedule::Schedule;
 
 /// How long to train.

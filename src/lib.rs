@@ -40,17 +40,7 @@ pub use model_weights as checkpoint;
 pub use tensor_file as st;
 
 #[cfg(test)]
-pub(crate) mod testutil {
-    use candle_core::Tensor;
-
-    /// max |a − b| over all elements (f32).
-    pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all());
-        d.and_then(|d| d.max(0))
-            .and_then(|m| m.to_scalar::<f32>())
-            .expect("comparable tensors")
-    }
-}
+pub(crate) mod testutil;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -357,7 +357,7 @@ impl Mergeable for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::max_abs;
+    use crate::testutil::max_abs_diff as max_abs;
     use candle_core::{backprop::GradStore, Device, D};
 
     fn layer(spec: LoraSpec, bias: bool) -> (LoraLinear, Tensor) {

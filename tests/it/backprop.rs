@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor, Var};
 use lora::layers::{LoraLinear, LoraRng, LoraSpec};
 use lora::InitLoraWeights;
 
-use crate::common::max_abs_diff;
+use crate::common::rel_diff;
 
 fn ramp(dims: &[usize], seed: usize) -> Tensor {
     let n: usize = dims.iter().product();
@@ -13,12 +13,6 @@ fn ramp(dims: &[usize], seed: usize) -> Tensor {
         .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
         .collect();
     Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
-
-/// max |a − b| ÷ max |b|.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-    max_abs_diff(a, b) / scale.to_scalar::<f32>().unwrap().max(1e-30)
 }
 
 /// The LoRA layer's gradients (A, B and x), through candle's autograd, equal the closed-form

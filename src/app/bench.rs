@@ -2,12 +2,13 @@
 //! the same shapes and keys, so the two can be run back to back and compared as ratios.
 //!
 //! Layer (the seed's shape): x `[32, 128, 768]` → 512, r 8, α 16, f32 —
-//! plain forward, LoRA train step (`sum(y).backward()`, grads for A and B), the same with dX,
+//! plain forward, LoRA train step (`L = sum(y)`, grads for A and B, by the layer's own
+//! backward; also through candle's autograd), the same with dX,
 //! unmerged and merged inference. Timings are medians after warm-up.
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use crate::config::InitLoraWeights;
@@ -60,10 +61,16 @@ pub fn medians_interleaved<const N: usize>(
 pub struct LayerBench {
     /// `nn.Linear(768, 512)` forward, ms.
     pub layer_plain_forward_ms: f64,
-    /// LoRA layer `sum(y).backward()` with grads for A and B only, ms.
+    /// LoRA layer step for `L = sum(y)` with grads for A and B only
+    /// ([`LoraLinear::forward_backward`]: the layer's own backward, no autograd), ms.
     pub layer_lora_train_step_ms: f64,
     /// The same with the input's gradient too (as inside a network), ms.
     pub layer_lora_train_step_with_dx_ms: f64,
+    /// The step as `forward_t(x).sum_all().backward()` through candle's autograd (not in the
+    /// baseline), ms.
+    pub layer_lora_train_step_autograd_ms: f64,
+    /// The same with the input's gradient (not in the baseline), ms.
+    pub layer_lora_train_step_with_dx_autograd_ms: f64,
     /// Unmerged LoRA inference, ms.
     pub layer_unmerged_forward_ms: f64,
     /// Merged LoRA inference, ms.
@@ -84,7 +91,14 @@ pub fn layer_bench(runs: usize) -> Result<LayerBench> {
     };
     let mut lora = LoraLinear::new(w, Some(b), &spec, &rng, "0")?;
     let x_var = Var::from_tensor(&x)?;
+    // L = Σ y, its gradient one value broadcast to y's shape (read in place by the backward).
+    let sum_grad =
+        |y: &Tensor| Ok(Tensor::ones((), DType::F32, y.device())?.broadcast_as(y.shape())?);
     let step = |l: &LoraLinear, x: &Tensor| -> Result<()> {
+        std::hint::black_box(l.forward_backward(x, sum_grad)?);
+        Ok(())
+    };
+    let autograd_step = |l: &LoraLinear, x: &Tensor| -> Result<()> {
         let grads = l.forward_t(x, true)?.sum_all()?.backward()?;
         std::hint::black_box(grads);
         Ok(())
@@ -95,6 +109,9 @@ pub fn layer_bench(runs: usize) -> Result<LayerBench> {
     };
     let layer_lora_train_step_ms = median_ms(runs, 3, || step(&lora, &x))?;
     let layer_lora_train_step_with_dx_ms = median_ms(runs, 3, || step(&lora, x_var.as_tensor()))?;
+    let layer_lora_train_step_autograd_ms = median_ms(runs, 3, || autograd_step(&lora, &x))?;
+    let layer_lora_train_step_with_dx_autograd_ms =
+        median_ms(runs, 3, || autograd_step(&lora, x_var.as_tensor()))?;
     // The three forwards are compared with each other (unmerged ÷ merged, merged ÷ plain), so
     // they are timed in turn within one loop: a drift of the machine's speed during the run
     // then moves all three alike instead of whichever was measured last.
@@ -110,6 +127,8 @@ pub fn layer_bench(runs: usize) -> Result<LayerBench> {
         layer_plain_forward_ms,
         layer_lora_train_step_ms,
         layer_lora_train_step_with_dx_ms,
+        layer_lora_train_step_autograd_ms,
+        layer_lora_train_step_with_dx_autograd_ms,
         layer_unmerged_forward_ms,
         layer_merged_forward_ms,
     })

@@ -10,7 +10,7 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-pub use crate::testutil::{assert_close, max_abs_diff, rel_diff};
+pub use crate::testutil::{max_abs_diff, rel_diff};
 
 /// The path of the built `lora` binary.
 pub fn lora_bin() -> PathBuf {

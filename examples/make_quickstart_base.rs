@@ -7,7 +7,7 @@
 //! ```
 use std::path::PathBuf;
 
-use lora::quickstart::{base, tasks};
+use lora::app::quickstart::{base, tasks};
 
 fn main() -> lora::Result<()> {
     let dir = PathBuf::from(
@@ -19,7 +19,7 @@ fn main() -> lora::Result<()> {
     let (train, held) = tasks::split_words(0, tasks::HELD_OUT);
     let all: Vec<String> = train.into_iter().chain(held).collect();
     let a = tasks::task_a(&all, 1);
-    lora::st::write_text_atomic(&dir.join("task_a.jsonl"), &tasks::to_jsonl(&a))?;
+    lora::tensor_file::write_text_atomic(&dir.join("task_a.jsonl"), &tasks::to_jsonl(&a))?;
     println!(
         "wrote {} task-A examples and a random model to {}",
         a.len(),

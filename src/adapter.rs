@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::config::{LoraConfig, ModuleKind, CONFIG_FILE};
 use crate::error::{Error, Result};
 use crate::keys::{self, Factor};
-use crate::st::{self, SafeFile};
+use crate::tensor_file::{self, SafeFile};
 
 /// The weights file name PEFT writes.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -154,11 +154,15 @@ impl Adapter {
             tensors.insert(keys::format(name, fa), m.a.to_dtype(DType::F32)?);
             tensors.insert(keys::format(name, fb), m.b.to_dtype(DType::F32)?);
         }
-        st::save(&dir.join(WEIGHTS_FILE), &tensors, &st::pt_metadata())?;
+        tensor_file::save(
+            &dir.join(WEIGHTS_FILE),
+            &tensors,
+            &tensor_file::pt_metadata(),
+        )?;
         let mut cfg = self.config.clone();
         cfg.inference_mode = true;
         fill_peft_fields(&mut cfg);
-        st::write_text_atomic(&dir.join(CONFIG_FILE), &cfg.to_json()?)
+        tensor_file::write_text_atomic(&dir.join(CONFIG_FILE), &cfg.to_json()?)
     }
 
     /// Checks the adapter against the base weights' shapes (`name → shape` of each

@@ -6,45 +6,41 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
-pub mod alloc;
-pub mod bench;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub mod app;
 pub mod builder;
-pub mod checkpoint;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod keys;
 pub mod layers;
 pub mod merge;
+pub mod model_weights;
 pub mod models;
 mod ops;
-pub mod quickstart;
-pub mod st;
 pub mod target;
+pub mod tensor_file;
 pub mod train;
 
 pub use adapter::{Adapter, ModuleAdapter};
 pub use builder::{LoraBuilder, MapSource, TensorSource};
-pub use checkpoint::Checkpoint;
 pub use config::{Bias, InitLoraWeights, LoraConfig, ModuleKind, TargetModules};
 pub use error::{Error, Result};
 pub use layers::{
     Conv2dGeometry, LoraConv2d, LoraEmbedding, LoraLinear, LoraRng, LoraSpec, LowRank, Mergeable,
     Param,
 };
+pub use model_weights::Checkpoint;
+
+// The modules' old names (`st`: safetensors files; `checkpoint`: base-model weights), kept so
+// code written against them still compiles.
+#[doc(hidden)]
+pub use model_weights as checkpoint;
+#[doc(hidden)]
+pub use tensor_file as st;
 
 #[cfg(test)]
-pub(crate) mod testutil {
-    use candle_core::Tensor;
-
-    /// max |a − b| over all elements (f32).
-    pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).and_then(|d| d.abs()).and_then(|d| d.flatten_all());
-        d.and_then(|d| d.max(0))
-            .and_then(|m| m.to_scalar::<f32>())
-            .expect("comparable tensors")
-    }
-}
+pub(crate) mod testutil;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[global_allocator]
-pub(crate) static ALLOC: lora::alloc::CountingAlloc = lora::alloc::CountingAlloc::new();
+pub(crate) static ALLOC: lora::app::alloc::CountingAlloc = lora::app::alloc::CountingAlloc::new();
 
 /// glibc malloc tunables for tensor-sized buffers. By default glibc serves blocks above a
 /// dynamic threshold (128 KiB, raised as large blocks are freed) with fresh `mmap`s, so an 8 MiB

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::Adapter;
-use crate::checkpoint::{Checkpoint, INDEX_FILE, MODEL_FILE};
 use crate::error::{Error, Result};
 use crate::layers::check_finite;
-use crate::st::{self, Entry};
+use crate::model_weights::{Checkpoint, INDEX_FILE, MODEL_FILE};
+use crate::tensor_file::{self, Entry};
 
 /// Whether to add or subtract the adapter's update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,11 +197,11 @@ fn write_shard(ckpt: &Checkpoint, i: usize, out: &Path, d: &Deltas) -> Result<us
         })
         .collect::<Result<_>>()?;
     let n = entries.len();
-    st::write_streaming(out, entries, &shard.metadata(), |e| {
+    tensor_file::write_streaming(out, entries, &shard.metadata(), |e| {
         match d.module_of(&e.name) {
             Some(module) => {
                 let merged = d.apply(module, &shard.tensor(&e.name, &Device::Cpu)?)?;
-                st::tensor_bytes(&merged.to_dtype(e.dtype)?)
+                tensor_file::tensor_bytes(&merged.to_dtype(e.dtype)?)
             }
             None => Ok(shard.bytes(&e.name)?.to_vec()),
         }
@@ -220,7 +220,7 @@ fn write_dir(ckpt: &Checkpoint, out: &Path, d: &Deltas, force: bool) -> Result<M
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "merged".into());
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    st::remove_stale_temps(parent, &leaf);
+    tensor_file::remove_stale_temps(parent, &leaf);
     let tmp = parent.join(format!(".{leaf}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;

@@ -4,6 +4,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = lora::checkpoint::parse_index(text, "index.json".as_ref());
+        let _ = lora::model_weights::parse_index(text, "index.json".as_ref());
     }
 });

@@ -1,4 +1,4 @@
-//! `lora bench`: the PyTorch + PEFT baseline's measurements (same keys), see `lora::bench`.
+//! `lora bench`: the PyTorch + PEFT baseline's measurements (same keys), see `lora::app::bench`.
 
 use std::path::PathBuf;
 
@@ -36,17 +36,17 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         "threads".into(),
         candle_core::utils::get_num_threads().into(),
     );
-    let layer = lora::bench::layer_bench(runs)?;
+    let layer = lora::app::bench::layer_bench(runs)?;
     if let serde_json::Value::Object(m) = serde_json::to_value(&layer)? {
         res.extend(m);
     }
     if !a.layers_only {
-        let llama = lora::bench::llama_bench((runs / 3).max(5), Some(&crate::ALLOC))?;
+        let llama = lora::app::bench::llama_bench((runs / 3).max(5), Some(&crate::ALLOC))?;
         if let serde_json::Value::Object(m) = serde_json::to_value(&llama)? {
             res.extend(m);
         }
     }
-    if let Some(mib) = lora::bench::peak_rss_mib() {
+    if let Some(mib) = lora::app::bench::peak_rss_mib() {
         res.insert("peak_rss_mib".into(), mib.into());
     }
     for (k, v) in &res {
@@ -59,7 +59,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&serde_json::Value::Object(res))?;
-        lora::st::write_text_atomic(path, &(text + "\n")).context("writing the JSON")?;
+        lora::tensor_file::write_text_atomic(path, &(text + "\n")).context("writing the JSON")?;
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
-//! `lora demo`: the five checks of a LoRA linear layer at the seed's shapes (see `lora::demo`).
+//! `lora demo`: the five checks of a LoRA linear layer at the seed's shapes (see `lora::app::demo`).
 
 use clap::Args;
-use lora::demo::{self, DemoOptions};
+use lora::app::demo::{self, DemoOptions};
 
 /// Arguments of `lora demo`.
 #[derive(Debug, Args)]

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use lora::models::{CausalLm, Llama, LoraInit};
-use lora::st::{self, SafeFile};
+use lora::tensor_file::{self, SafeFile};
 use lora::Adapter;
 
 /// The key read from `--ids` when none is given.
@@ -125,7 +125,7 @@ pub fn run(a: LogitsArgs) -> anyhow::Result<()> {
     let ids = read_ids(&a.ids, model.config().vocab_size)?;
     let logits = model.forward_t(&ids, false).context("running the model")?;
     let tensors = BTreeMap::from([("logits".to_string(), logits)]);
-    st::save(&a.out, &tensors, &st::pt_metadata())
+    tensor_file::save(&a.out, &tensors, &tensor_file::pt_metadata())
         .with_context(|| format!("writing {}", a.out.display()))?;
     let (b, t, v) = tensors["logits"].dims3()?;
     println!("wrote logits [{b}, {t}, {v}] to {}", a.out.display());

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lora::quickstart::run::{run as run_quickstart, Progress, QuickstartOptions};
+use lora::app::quickstart::run::{run as run_quickstart, Progress, QuickstartOptions};
 use lora::train::Event;
 
 /// Arguments of `lora quickstart`.

@@ -6,11 +6,12 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lora::app::plot;
 use lora::merge::{merge_checkpoint, Direction, MergeOptions};
 use lora::models::{Llama, LlamaConfig};
-use lora::train::checkpoint::{find_checkpoint, TrainMode, TrainerState};
 use lora::train::data::{Dataset, LazyTokenizer};
 use lora::train::metrics::Record;
+use lora::train::resume::{find_checkpoint, TrainMode, TrainerState};
 use lora::train::{Event, Length, SaveMode, Schedule, TrainConfig, Trainer};
 use lora::{Adapter, Checkpoint, LoraBuilder, LoraConfig, TargetModules};
 
@@ -275,6 +276,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     let summary = summary?;
+    plot::plot_losses(&summary.records, &a.out.join(plot::PLOT_FILE))?;
 
     let last = summary.records.iter().rev().find_map(|r| match r {
         Record::Step(s) => Some(s.loss),
@@ -301,7 +303,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         } else {
             ""
         },
-        lora::bench::peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB")),
+        lora::app::bench::peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB")),
     );
     if let Some(dir) = &a.merge_out {
         let adapter = Adapter::load(&a.out, &dev)?;

@@ -240,7 +240,7 @@ impl Mergeable for LoraConv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::max_abs;
+    use crate::testutil::max_abs_diff as max_abs;
     use candle_core::Device;
 
     fn check_merge_equals_unmerged(geom: Conv2dGeometry) {

@@ -185,7 +185,7 @@ impl Mergeable for LoraEmbedding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::max_abs;
+    use crate::testutil::max_abs_diff as max_abs;
     use candle_core::Device;
 
     fn setup(init: InitLoraWeights) -> (LoraEmbedding, Tensor) {

@@ -41,6 +41,9 @@ use crate::config::InitLoraWeights;
 use crate::error::{Error, Result};
 use crate::ops;
 
+mod step;
+pub use step::LinearGrads;
+
 /// A linear layer `y = x·Wᵀ + b` with an optional LoRA adapter (see the module doc).
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
@@ -243,18 +246,10 @@ impl LoraLinear {
         let Param::Frozen(w) = &self.weight else {
             return Ok(None);
         };
-        let f32 = candle_core::DType::F32;
-        let bias_ok = self
-            .bias()
-            .is_none_or(|b| b.dtype() == f32 && b.is_contiguous());
-        if !x.device().is_cpu()
-            || x.dtype() != f32
-            || w.dtype() != f32
-            || !w.is_contiguous()
-            || !bias_ok
-        {
+        if !self.fusable(x, w) {
             return Ok(None);
         }
+        let f32 = candle_core::DType::F32;
         let dims = x.dims();
         let (lead, inner) = dims.split_at(dims.len().saturating_sub(1));
         let (n, inp) = (
@@ -278,21 +273,35 @@ impl LoraLinear {
                 if l.a.dtype() != f32 || l.b.dtype() != f32 {
                     return Ok(None);
                 }
-                let mask = (train && l.dropout > 0.0).then(|| ops::DropMask {
-                    keep: self.rng.keep_flags(n * inp, l.dropout),
-                    scale: 1.0 / (1.0 - l.dropout),
-                });
-                let op = ops::LoraLinearOp {
-                    w0: w.clone(),
-                    bias: self.bias().cloned(),
-                    scale: l.scale as f32,
-                    mask,
-                    saved_xa: Default::default(),
-                };
+                let op = self.lora_op(w, l, n * inp, train);
                 x2.apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)?
             }
         };
         Ok(Some(y.reshape(out_shape)?))
+    }
+
+    /// The fused LoRA op over `len` input elements, with a fresh dropout mask when training.
+    fn lora_op(&self, w: &Tensor, l: &LowRank, len: usize, train: bool) -> ops::LoraLinearOp {
+        let mask = (train && l.dropout > 0.0).then(|| ops::DropMask {
+            keep: self.rng.keep_flags(len, l.dropout),
+            scale: 1.0 / (1.0 - l.dropout),
+        });
+        ops::LoraLinearOp {
+            w0: w.clone(),
+            bias: self.bias().cloned(),
+            scale: l.scale as f32,
+            mask,
+            saved_xa: Default::default(),
+        }
+    }
+
+    /// Whether the fused CPU/f32 path applies to `x` and the frozen weight `w`.
+    fn fusable(&self, x: &Tensor, w: &Tensor) -> bool {
+        let f32 = candle_core::DType::F32;
+        let bias_ok = self
+            .bias()
+            .is_none_or(|b| b.dtype() == f32 && b.is_contiguous());
+        x.device().is_cpu() && x.dtype() == f32 && w.dtype() == f32 && w.is_contiguous() && bias_ok
     }
 
     /// The reference path in plain tensor ops (any device and dtype).
@@ -357,7 +366,7 @@ impl Mergeable for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::max_abs;
+    use crate::testutil::max_abs_diff as max_abs;
     use candle_core::{backprop::GradStore, Device, D};
 
     fn layer(spec: LoraSpec, bias: bool) -> (LoraLinear, Tensor) {

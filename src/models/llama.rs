@@ -39,10 +39,10 @@ use super::config::{LlamaConfig, RopeConfig};
 use super::CausalLm;
 use crate::adapter::Adapter;
 use crate::builder::LoraBuilder;
-use crate::checkpoint::Checkpoint;
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::layers::{LoraEmbedding, LoraLinear, Mergeable};
+use crate::model_weights::Checkpoint;
 
 mod fused;
 pub use fused::{FusedGrads, FusedOptions};
@@ -640,19 +640,7 @@ impl CausalLm for Llama {
 mod tests {
     use super::*;
     use crate::models::config::Llama3Scaling;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::testutil::max_abs_diff as max_abs;
 
     #[test]
     fn rms_norm_is_x_over_root_mean_square_times_weight() {

@@ -8,6 +8,7 @@ use crate::error::Result;
 pub mod config;
 pub mod generate;
 pub mod llama;
+pub mod loss;
 
 pub use config::{Arch, LlamaConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
 pub use generate::{generate, Sampler, Sampling};

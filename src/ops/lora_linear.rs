@@ -448,11 +448,6 @@ impl CustomOp3 for LoraLinearOp {
         "lora-linear"
     }
 
-    /// `dy` is read in place whatever its strides (a broadcast is not copied).
-    fn bwd_takes_strided_grad(&self) -> bool {
-        true
-    }
-
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -572,11 +567,6 @@ impl CustomOp3 for LoraLinearOp {
 impl CustomOp1 for FrozenLinearOp {
     fn name(&self) -> &'static str {
         "frozen-linear"
-    }
-
-    /// `dy` is read in place whatever its strides (a broadcast is not copied).
-    fn bwd_takes_strided_grad(&self) -> bool {
-        true
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {

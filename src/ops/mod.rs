@@ -44,16 +44,5 @@ pub(crate) mod testing {
         crate::layers::normal(shape, 1.0, &crate::layers::LoraRng::new(seed), &Device::Cpu).unwrap()
     }
 
-    /// `(max |a − b|, max |b|)`.
-    pub fn diff_and_scale(a: &Tensor, b: &Tensor) -> (f32, f32) {
-        assert_eq!(a.dims(), b.dims());
-        let max = |t: Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
-        (max((a - b).unwrap()), max(b.clone()))
-    }
-
-    /// Asserts `max |a − b| ≤ tol · max(1, max |b|)`.
-    pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
-        let (d, m) = diff_and_scale(a, b);
-        assert!(d <= tol * m.max(1.0), "max diff {d} (scale {m}, tol {tol})");
-    }
+    pub use crate::testutil::{assert_close, diff_and_scale};
 }

@@ -26,8 +26,8 @@ use candle_core::{Device, Tensor};
 use rand::RngCore;
 use serde_json::Value;
 
-use super::loss::IGNORE_INDEX;
 use crate::error::{Error, Result};
+use crate::models::loss::IGNORE_INDEX;
 
 /// The token id written into padding positions (never attended to by real positions, never
 /// predicted: its value does not matter).

@@ -78,7 +78,7 @@ impl MetricsLog {
         for r in so_far {
             text.push_str(&to_line(r)?);
         }
-        crate::st::write_text_atomic(&path, &text)?;
+        crate::tensor_file::write_text_atomic(&path, &text)?;
         Ok(MetricsLog { path })
     }
 

@@ -14,21 +14,19 @@
 //! `batch_size`; the last step of an epoch may have fewer micro-batches. Evaluation runs on a
 //! held-out set every `eval_every` steps and at the end (no dropout, adapters unmerged), giving
 //! the token-weighted mean loss and its perplexity. Every `save_every` steps (and at the end) a
-//! checkpoint is written atomically (see [`checkpoint`]); [`Trainer::resume`] continues from
+//! checkpoint is written atomically (see [`resume`]); [`Trainer::resume`] continues from
 //! one exactly as if never stopped: same data order, dropout masks, optimizer state and
 //! learning rates, hence the same losses and final weights. A non-finite loss or gradient norm
 //! stops training with an error before any weight is touched, leaving the last checkpoint.
 //!
 //! Outputs in the output folder: the final adapter in PEFT's format (or `model.safetensors`
-//! plus the model's config and tokenizer files under full fine-tuning), `metrics.jsonl`,
-//! `loss.png` and the `checkpoint-<step>` folders.
+//! plus the model's config and tokenizer files under full fine-tuning), `metrics.jsonl`
+//! and the `checkpoint-<step>` folders (`lora train` adds the loss curve, `loss.png`).
 
-pub mod checkpoint;
 pub mod data;
-pub mod loss;
 pub mod metrics;
 pub mod optim;
-pub mod plot;
+pub mod resume;
 pub mod schedule;
 
 use std::collections::BTreeMap;
@@ -44,10 +42,12 @@ use crate::adapter::Adapter;
 use crate::builder::LoraBuilder;
 use crate::error::{Error, Result};
 use crate::models::CausalLm;
-use checkpoint::{RngState, TrainMode, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
 use data::{Batch, Dataset};
 use metrics::{EvalRecord, MetricsLog, Record, StepRecord};
 use optim::{AdamW, AdamWConfig};
+use resume::{RngState, TrainMode, TrainerState, MODEL_FILE, OPTIMIZER_FILE};
+// The causal-LM loss is the models' objective and lives with them; training uses it from here.
+pub use crate::models::loss;
 pub use schedule::Schedule;
 
 /// How long to train.
@@ -314,7 +314,7 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
     ) -> Result<Self> {
         cfg.validate()?;
         let st = TrainerState::load(checkpoint)?;
-        let state_file = checkpoint.join(checkpoint::STATE_FILE);
+        let state_file = checkpoint.join(resume::STATE_FILE);
         let mode = match save {
             SaveMode::Adapter { .. } => TrainMode::Lora,
             SaveMode::Full { .. } => TrainMode::Full,
@@ -493,7 +493,6 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
             }
         }
         self.save_final()?;
-        plot::plot_losses(&self.records, &self.out.join(plot::PLOT_FILE))?;
         Ok(Summary {
             steps: self.pos.step,
             records: self.records.clone(),
@@ -647,7 +646,7 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
             self.cfg.clone(),
             self.records.clone(),
         );
-        checkpoint::write_checkpoint(&self.out, self.pos.step, |dir| {
+        resume::write_checkpoint(&self.out, self.pos.step, |dir| {
             w.save(dir)?;
             self.opt.save(&dir.join(OPTIMIZER_FILE))?;
             state.save(dir)
@@ -662,7 +661,7 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
                 let src = model_dir.join(f);
                 if src.is_file() {
                     let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-                    let mut out = crate::st::AtomicFile::create(&self.out.join(f))?;
+                    let mut out = crate::tensor_file::AtomicFile::create(&self.out.join(f))?;
                     out.write_all(&bytes)?;
                     out.commit()?;
                 }
@@ -682,9 +681,11 @@ impl Weights {
     fn save(&self, dir: &Path) -> Result<()> {
         match self {
             Weights::Adapter(a) => a.save(dir),
-            Weights::Full(m) => {
-                crate::st::save(&dir.join(MODEL_FILE), m, &crate::st::pt_metadata())
-            }
+            Weights::Full(m) => crate::tensor_file::save(
+                &dir.join(MODEL_FILE),
+                m,
+                &crate::tensor_file::pt_metadata(),
+            ),
         }
     }
 }
@@ -708,7 +709,8 @@ fn check_same_adapter(builder: &LoraBuilder, checkpoint: &Path) -> Result<()> {
             now.modules.get(name).is_some_and(|m| {
                 [(&s.a, &m.a), (&s.b, &m.b)].iter().all(|(x, y)| {
                     x.dims() == y.dims()
-                        && crate::st::tensor_bytes(x).ok() == crate::st::tensor_bytes(y).ok()
+                        && crate::tensor_file::tensor_bytes(x).ok()
+                            == crate::tensor_file::tensor_bytes(y).ok()
                 })
             })
         });

@@ -21,7 +21,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::st::{self, SafeFile};
+use crate::tensor_file::{self, SafeFile};
 
 /// AdamW hyper-parameters (PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8,
 /// weight decay 1e-2).
@@ -182,7 +182,7 @@ impl AdamW {
             meta.insert(format!("{STEP_KEY}{}", s.name), s.step.to_string());
         }
         meta.insert("format".into(), "lora-adamw".into());
-        st::save(path, &tensors, &meta)
+        tensor_file::save(path, &tensors, &meta)
     }
 
     /// Restores a state written by [`AdamW::save`]; its parameters must be exactly these

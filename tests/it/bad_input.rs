@@ -42,7 +42,7 @@ impl Scratch {
         f: impl FnOnce(&mut std::collections::BTreeMap<String, candle_core::Tensor>),
     ) {
         let p = self.path("adapter/adapter_model.safetensors");
-        let file = lora::st::SafeFile::open(&p).unwrap();
+        let file = lora::tensor_file::SafeFile::open(&p).unwrap();
         let mut m = std::collections::BTreeMap::new();
         for k in file.names() {
             m.insert(
@@ -52,7 +52,7 @@ impl Scratch {
         }
         drop(file);
         f(&mut m);
-        lora::st::save(&p, &m, &lora::st::pt_metadata()).unwrap();
+        lora::tensor_file::save(&p, &m, &lora::tensor_file::pt_metadata()).unwrap();
     }
 
     /// Runs `lora merge` into `out` and returns the error line; asserts failure and no output.
@@ -161,7 +161,7 @@ fn header_whose_offsets_lie_is_named() {
 fn adapter_whose_shapes_do_not_fit_the_base_is_named() {
     let s = Scratch::new();
     // Shrink the base's blocks.0.q.weight to [8, 16]: the adapter's B is [16, 4].
-    let base = lora::st::SafeFile::open(&s.path("base.safetensors")).unwrap();
+    let base = lora::tensor_file::SafeFile::open(&s.path("base.safetensors")).unwrap();
     let mut m = std::collections::BTreeMap::new();
     for k in base.names() {
         let t = base.tensor(&k, &candle_core::Device::Cpu).unwrap();
@@ -174,7 +174,7 @@ fn adapter_whose_shapes_do_not_fit_the_base_is_named() {
     }
     drop(base);
     let p = s.path("small.safetensors");
-    lora::st::save(&p, &m, &lora::st::pt_metadata()).unwrap();
+    lora::tensor_file::save(&p, &m, &lora::tensor_file::pt_metadata()).unwrap();
     let e = s.merge_fails(&p, &s.path("out.safetensors"));
     assert!(e.contains("blocks.0.q") && e.contains("[8, 16]"), "{e}");
 }

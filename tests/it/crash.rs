@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use lora::adapter::ModuleAdapter;
-use lora::st::{self, SafeFile};
+use lora::tensor_file::{self, SafeFile};
 use lora::{Adapter, LoraConfig, ModuleKind};
 
 use crate::common::lora_bin;
@@ -35,7 +35,12 @@ fn setup(dir: &std::path::Path) {
             },
         );
     }
-    st::save(&dir.join("base.safetensors"), &base, &st::pt_metadata()).unwrap();
+    tensor_file::save(
+        &dir.join("base.safetensors"),
+        &base,
+        &tensor_file::pt_metadata(),
+    )
+    .unwrap();
     let adapter = Adapter {
         config: LoraConfig::new(8, 16.0, &["proj"]),
         modules,

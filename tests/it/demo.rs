@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use lora::demo::{self, DemoOptions, DemoSetup};
+use lora::app::demo::{self, DemoOptions, DemoSetup};
 
 use crate::common::lora_bin;
 

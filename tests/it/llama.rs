@@ -20,7 +20,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use lora::builder::LoraBuilder;
 use lora::models::{generate, Cache, CausalLm, Llama, LlamaConfig, Sampler, Sampling};
-use lora::st::SafeFile;
+use lora::tensor_file::SafeFile;
 use lora::train::loss::causal_lm_loss;
 use lora::{Adapter, Checkpoint};
 

@@ -11,3 +11,7 @@ mod merge;
 mod quickstart;
 mod tinynet;
 mod train;
+
+/// Tensor closeness, the same file as the library's unit tests use.
+#[path = "../../src/testutil.rs"]
+mod testutil;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use lora::merge::{merge_checkpoint, Direction, MergeOptions};
-use lora::st::{self, SafeFile};
+use lora::tensor_file::{self, SafeFile};
 use lora::{Adapter, Checkpoint};
 
 use crate::common::{fixture, max_abs_diff};
@@ -66,16 +66,16 @@ fn sharded_base(dir: &Path, dtype: DType) {
         shard.insert(k, t.to_dtype(dtype).unwrap());
     }
     std::fs::create_dir_all(dir).unwrap();
-    st::save(
+    tensor_file::save(
         &dir.join("model-00001-of-00002.safetensors"),
         &a,
-        &st::pt_metadata(),
+        &tensor_file::pt_metadata(),
     )
     .unwrap();
-    st::save(
+    tensor_file::save(
         &dir.join("model-00002-of-00002.safetensors"),
         &b,
-        &st::pt_metadata(),
+        &tensor_file::pt_metadata(),
     )
     .unwrap();
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});

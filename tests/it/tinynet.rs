@@ -11,7 +11,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Tensor, D};
 use lora::builder::LoraBuilder;
-use lora::st::SafeFile;
+use lora::tensor_file::SafeFile;
 use lora::{Adapter, Checkpoint, LoraConfig, LoraEmbedding, LoraLinear, Mergeable};
 
 use crate::common::{fixture, lora_bin, max_abs_diff};

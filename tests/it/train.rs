@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 use lora::models::{Llama, LlamaConfig};
-use lora::st::SafeFile;
+use lora::tensor_file::SafeFile;
 use lora::train::data::{Dataset, Example};
 use lora::train::metrics::{read_metrics, Record};
 use lora::train::{Length, SaveMode, Schedule, TrainConfig, Trainer};

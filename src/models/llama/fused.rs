@@ -47,7 +47,7 @@
 //! merged; otherwise [`CausalLm::fused_loss_and_grads`] returns `None` and callers use
 //! autograd. Tested against the autograd path (loss and every gradient) in `tests`.
 //!
-//! [`causal_lm_loss_sum`]: crate::train::loss::causal_lm_loss_sum
+//! [`causal_lm_loss_sum`]: crate::models::loss::causal_lm_loss_sum
 
 use std::collections::HashSet;
 
@@ -1124,7 +1124,7 @@ impl Llama {
         let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
         let (hs, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let (rows, tg) = crate::train::loss::predicted_rows(labels, b, t, vocab)?;
+        let (rows, tg) = crate::models::loss::predicted_rows(labels, b, t, vocab)?;
         let mut targets = vec![None; b * t];
         for (r, tg) in rows.iter().zip(&tg) {
             targets[*r as usize] = Some(*tg);
@@ -1295,9 +1295,9 @@ mod tests {
     use crate::builder::{LoraBuilder, MapSource};
     use crate::config::{InitLoraWeights, LoraConfig};
     use crate::models::llama::tests::{ids, random_weights, tiny};
+    use crate::models::loss::causal_lm_loss_sum;
     use crate::models::CausalLm;
     use crate::ops::testing::values as val;
-    use crate::train::loss::causal_lm_loss_sum;
     use candle_core::Device;
 
     fn lora_model(arch: &str, extra: &str, biases: bool, targets: &[&str]) -> Llama {

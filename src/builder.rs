@@ -33,7 +33,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{Adapter, ModuleAdapter};
 use crate::checkpoint::Checkpoint;
-use crate::config::{LoraConfig, ModuleKind, TargetModules};
+use crate::config::{Bias, LoraConfig, ModuleKind, TargetModules};
 use crate::error::{Error, Result};
 use crate::layers::{Conv2dGeometry, LoraConv2d, LoraEmbedding, LoraLinear, LoraRng, LoraSpec};
 
@@ -89,6 +89,8 @@ struct State {
     adapters: BTreeMap<String, Registered>,
     trainable: Vec<(String, Var)>,
     modules: BTreeSet<String>,
+    /// Modules that hold tensors but are no LoRA-able layer (norms, ...), by name.
+    other_modules: BTreeSet<String>,
     /// Bytes of every base tensor loaded so far (in the builder's dtype).
     loaded_bytes: usize,
 }
@@ -229,6 +231,12 @@ impl LoraBuilder {
     /// A tensor that is not part of a LoRA-able layer (a norm weight, say): frozen, or a
     /// trainable variable under full fine-tuning.
     pub fn tensor(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        if !self.path.is_empty() {
+            self.state().other_modules.insert(self.name());
+        }
+        if leaf == "bias" {
+            self.check_bias(false)?;
+        }
         let t = self.load(leaf, shape)?;
         if !self.inner.full {
             return Ok(t);
@@ -285,9 +293,17 @@ impl LoraBuilder {
                 });
             }
         }
-        let r = loaded
-            .as_ref()
-            .map_or(cfg.rank_for(&name), ModuleAdapter::rank);
+        // PEFT builds the layer with the config's rank (`tuners/lora/model.py`
+        // `_create_and_replace`: `rank_pattern`, else `r`) and then loads the file into it, so a
+        // tensor of another rank is a size-mismatch error there.
+        let r = cfg.rank_for(&name);
+        if let Some(m) = loaded.as_ref().filter(|m| m.rank() != r) {
+            return Err(Error::ShapeMismatch {
+                key: crate::keys::format(&name, crate::keys::Factor::A),
+                got: m.a.dims().to_vec(),
+                what: format!("the config's rank {r} for `{name}` (r / rank_pattern)"),
+            });
+        }
         let spec = LoraSpec {
             r,
             alpha: cfg.alpha_for(&name),
@@ -326,6 +342,32 @@ impl LoraBuilder {
         }
     }
 
+    /// Refuses `bias: "all"` / `"lora_only"` where they would train a bias this library does
+    /// not train: any bias for `"all"`, a targeted layer's bias for `"lora_only"`. Elsewhere
+    /// PEFT's result equals `bias: "none"` (`tuners_utils.py`
+    /// `_mark_only_adapters_as_trainable`, `_get_learnable_bias_state_dict`).
+    fn check_bias(&self, targeted: bool) -> Result<()> {
+        let Some(cfg) = &self.inner.config else {
+            return Ok(());
+        };
+        if self.inner.full || cfg.bias == Bias::None || (cfg.bias == Bias::LoraOnly && !targeted) {
+            return Ok(());
+        }
+        Err(Error::UnsupportedFeature {
+            feature: "bias".into(),
+            detail: format!(
+                "bias: {:?} trains the bias of `{}` (PEFT trains {}); use bias: \"none\"",
+                cfg.bias,
+                self.name(),
+                if cfg.bias == Bias::All {
+                    "every `*.bias` of the model"
+                } else {
+                    "the biases of LoRA-wrapped layers"
+                }
+            ),
+        })
+    }
+
     /// A linear layer `[out, in]` (with bias if `bias`), adapted where targeted.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
         let w = self.load("weight", &[out_dim, in_dim])?;
@@ -336,7 +378,11 @@ impl LoraBuilder {
             self.register_full(l.trainable_vars());
             return Ok(l);
         }
-        let layer = match self.plan(ModuleKind::Linear)? {
+        let plan = self.plan(ModuleKind::Linear)?;
+        if b.is_some() {
+            self.check_bias(plan.is_some())?;
+        }
+        let layer = match plan {
             None => LoraLinear::frozen(w, b),
             Some((spec, None)) => LoraLinear::new(w, b, &spec, &self.inner.rng, &self.name())?,
             Some((spec, Some(m))) => LoraLinear::from_adapter(
@@ -391,7 +437,11 @@ impl LoraBuilder {
     ) -> Result<LoraConv2d> {
         let w = self.load("weight", &[out_c, in_c, k, k])?;
         let b = bias.then(|| self.load("bias", &[out_c])).transpose()?;
-        let layer = match self.plan(ModuleKind::Conv2d)? {
+        let plan = self.plan(ModuleKind::Conv2d)?;
+        if b.is_some() {
+            self.check_bias(plan.is_some())?;
+        }
+        let layer = match plan {
             None => LoraConv2d::frozen(w, b, geom),
             Some((spec, None)) => {
                 LoraConv2d::new(w, b, geom, &spec, &self.inner.rng, &self.name())?
@@ -484,6 +534,25 @@ impl LoraBuilder {
                 });
             }
         }
+        if let Some(cfg) = self.inner.config.as_ref().filter(|_| !self.inner.full) {
+            // PEFT visits every module (`named_modules`), containers included, and raises for a
+            // targeted one it cannot wrap (`tuners/lora/model.py` `_create_new_module`).
+            let t = cfg.targeting()?;
+            let mut others: BTreeSet<&str> = st.other_modules.iter().map(String::as_str).collect();
+            for m in st.modules.iter().chain(st.other_modules.iter()) {
+                others.extend(m.match_indices('.').map(|(i, _)| &m[..i]));
+            }
+            if let Some(m) = others
+                .into_iter()
+                .find(|m| !st.modules.contains(*m) && t.is_target(m, None))
+            {
+                return Err(Error::Config(format!(
+                    "target_modules {} matches `{m}`, which is not a Linear, Embedding or Conv2d: \
+                     PEFT raises \"Target module ... is not supported\" for it",
+                    describe_targets(cfg.target_modules.clone())
+                )));
+            }
+        }
         if self.inner.config.is_some() && st.adapters.is_empty() && !self.inner.full {
             let cfg = self.inner.config.as_ref().map(|c| c.target_modules.clone());
             return Err(Error::Config(format!(
@@ -513,4 +582,107 @@ fn close_names(modules: &BTreeSet<String>) -> String {
         .map(|m| m.rsplit('.').next().unwrap_or(m))
         .collect();
     leaves.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+/// PEFT's loader rules that the builder applies (issue 13, items 2, 6 and 9), each with its
+/// minimal input.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `blocks.0.q` (with a bias), `blocks.0.k` (none) and a norm `blocks.0.norm`.
+    fn weights() -> BTreeMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let mut w = BTreeMap::new();
+        for name in ["blocks.0.q.weight", "blocks.0.k.weight"] {
+            w.insert(name.into(), Tensor::ones((4, 4), DType::F32, &dev).unwrap());
+        }
+        w.insert(
+            "blocks.0.q.bias".into(),
+            Tensor::zeros(4, DType::F32, &dev).unwrap(),
+        );
+        w.insert(
+            "blocks.0.norm.weight".into(),
+            Tensor::ones(4, DType::F32, &dev).unwrap(),
+        );
+        w
+    }
+
+    /// Builds the three modules with `json` as the config; the error text on failure.
+    fn build(json: &str) -> std::result::Result<Vec<String>, String> {
+        let cfg: LoraConfig = serde_json::from_str(json).unwrap();
+        let run = || -> Result<Vec<String>> {
+            let vb = LoraBuilder::new(MapSource::new(weights()), DType::F32, Device::Cpu)
+                .with_config(cfg)?;
+            let b = vb.pp("blocks").pp(0);
+            b.pp("q").linear(4, 4, true)?;
+            b.pp("k").linear(4, 4, false)?;
+            b.pp("norm").tensor("weight", &[4])?;
+            vb.finish()?;
+            Ok(vb.adapted_modules())
+        };
+        run().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bias_all_or_lora_only_is_refused_only_where_a_bias_would_train() {
+        // Item 9: on bias-free targets PEFT's file equals bias "none".
+        assert_eq!(
+            build(r#"{"target_modules": ["k"], "bias": "lora_only"}"#).unwrap(),
+            ["blocks.0.k"]
+        );
+        let e = build(r#"{"target_modules": ["q"], "bias": "lora_only"}"#).unwrap_err();
+        assert!(e.contains("bias") && e.contains("blocks.0.q"), "{e}");
+        let e = build(r#"{"target_modules": ["k"], "bias": "all"}"#).unwrap_err();
+        assert!(e.contains("bias") && e.contains("blocks.0.q"), "{e}");
+    }
+
+    #[test]
+    fn a_target_that_is_no_lora_layer_is_refused() {
+        // Item 6: PEFT raises "Target module ... is not supported".
+        for json in [
+            r#"{"target_modules": ["k", "norm"]}"#,
+            r#"{"target_modules": "blocks\\.0(\\.k)?"}"#,
+        ] {
+            let e = build(json).unwrap_err();
+            assert!(
+                e.contains("is not a Linear") && e.contains("blocks.0"),
+                "{json}: {e}"
+            );
+        }
+        assert_eq!(
+            build(r#"{"target_modules": "blocks\\.0\\.[qk]"}"#).unwrap(),
+            ["blocks.0.k", "blocks.0.q"]
+        );
+    }
+
+    #[test]
+    fn a_loaded_factor_whose_rank_disagrees_with_the_config_is_an_error() {
+        // Item 2: PEFT builds the layer with r / rank_pattern and then loads the file.
+        let dev = Device::Cpu;
+        let module = |r: usize| ModuleAdapter {
+            kind: ModuleKind::Linear,
+            a: Tensor::zeros((r, 4), DType::F32, &dev).unwrap(),
+            b: Tensor::zeros((4, r), DType::F32, &dev).unwrap(),
+        };
+        let adapter = |json: &str| Adapter {
+            config: serde_json::from_str(json).unwrap(),
+            modules: [("blocks.0.k".to_string(), module(2))].into(),
+        };
+        let build_with = |a: Adapter| -> Result<()> {
+            let vb = LoraBuilder::new(MapSource::new(weights()), DType::F32, dev.clone())
+                .with_adapter(a)?;
+            vb.pp("blocks.0.k").linear(4, 4, false)?;
+            vb.finish()
+        };
+        build_with(adapter(r#"{"r": 2, "target_modules": ["k"]}"#)).unwrap();
+        build_with(adapter(
+            r#"{"r": 8, "rank_pattern": {"k": 2}, "target_modules": ["k"]}"#,
+        ))
+        .unwrap();
+        let e = build_with(adapter(r#"{"r": 4, "target_modules": ["k"]}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blocks.0.k") && e.contains("rank 4"), "{e}");
+    }
 }

@@ -73,6 +73,34 @@ impl ModuleAdapter {
         Ok((d * scale)?)
     }
 
+    /// PEFT's keys for this module's factors, `[A, B]`.
+    pub fn keys(&self, module: &str) -> [String; 2] {
+        let (fa, fb) = match self.kind {
+            ModuleKind::Embedding => (Factor::EmbeddingA, Factor::EmbeddingB),
+            _ => (Factor::A, Factor::B),
+        };
+        [keys::format(module, fa), keys::format(module, fb)]
+    }
+
+    /// Whether the base weight of shape `base` is stored `[in, out]`, decided per layer as PEFT
+    /// does (`tuners/lora/layer.py` `dispatch_default`: `fan_in_fan_out` is forced to False for
+    /// `nn.Linear`, `[out, in]`, and to True for GPT-2's `Conv1D`, `[in, out]`). Without the
+    /// model the shape tells the two apart; only a square weight falls back to the config's
+    /// `fan_in_fan_out`. `None` when neither orientation fits. Embedding and conv: `false`.
+    pub fn fan_in_fan_out_for(&self, base: &[usize], config_flag: bool) -> Option<bool> {
+        if self.kind != ModuleKind::Linear {
+            return (base == self.base_shape(false).as_slice()).then_some(false);
+        }
+        let linear = base == self.base_shape(false).as_slice();
+        let conv1d = base == self.base_shape(true).as_slice();
+        match (linear, conv1d) {
+            (true, true) => Some(config_flag),
+            (true, false) => Some(false),
+            (false, true) => Some(true),
+            (false, false) => None,
+        }
+    }
+
     /// The shape of the base weight this adapter fits.
     pub fn base_shape(&self, fan_in_fan_out: bool) -> Vec<usize> {
         let (a, b) = (self.a.dims(), self.b.dims());
@@ -112,7 +140,19 @@ impl Adapter {
     }
 
     /// Loads and validates an adapter directory onto `dev` (tensors in their stored dtype).
+    /// Only the modules its config targets are kept, as PEFT's loader does; see
+    /// [`Adapter::load_report`] for the keys left out.
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
+        Self::load_report(dir, dev).map(|(a, _)| a)
+    }
+
+    /// [`Adapter::load`], also returning the keys PEFT would not load: tensors of modules the
+    /// config does not target (after `exclude_modules` and `layers_to_transform`). PEFT builds
+    /// LoRA layers only where the config targets (`tuners_utils.py` `inject_adapter`) and then
+    /// loads the file non-strictly (`utils/save_and_load.py` `set_peft_model_state_dict`), so
+    /// such tensors have no effect there. A targeted module's rank must be the config's
+    /// (`r` / `rank_pattern`): PEFT's layer has that shape and refuses another.
+    pub fn load_report(dir: &Path, dev: &Device) -> Result<(Self, Vec<String>)> {
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
@@ -131,14 +171,44 @@ impl Adapter {
             });
         }
         let file = SafeFile::open(&weights)?;
-        let modules = read_modules(&file, dev)?;
-        if modules.is_empty() {
+        let all = read_modules(&file, dev)?;
+        if all.is_empty() {
             return Err(Error::MissingTensor {
                 key: "lora_A/lora_B".into(),
                 file: Some(weights),
             });
         }
-        Ok(Adapter { config, modules })
+        let targeting = config.targeting()?;
+        let mut modules = BTreeMap::new();
+        let mut ignored = vec![];
+        for (name, m) in all {
+            if !targeting.is_target(&name, Some(m.kind)) {
+                ignored.extend(m.keys(&name));
+                continue;
+            }
+            let r = config.rank_for(&name);
+            if m.rank() != r {
+                return Err(Error::ShapeMismatch {
+                    key: m.keys(&name)[0].clone(),
+                    got: m.a.dims().to_vec(),
+                    what: format!(
+                        "the config's rank {r} for `{name}` (r / rank_pattern; PEFT refuses \
+                         a factor of another shape) in {}",
+                        weights.display()
+                    ),
+                });
+            }
+            modules.insert(name, m);
+        }
+        if modules.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: target_modules matches none of the {} modules in {}, so PEFT would load nothing",
+                dir.join(CONFIG_FILE).display(),
+                ignored.len() / 2,
+                weights.display()
+            )));
+        }
+        Ok((Adapter { config, modules }, ignored))
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if
@@ -185,7 +255,9 @@ impl Adapter {
                 });
             };
             let want = m.base_shape(self.config.fan_in_fan_out);
-            if *shape != want {
+            if m.fan_in_fan_out_for(shape, self.config.fan_in_fan_out)
+                .is_none()
+            {
                 return Err(Error::ShapeMismatch {
                     key: name.clone(),
                     got: want,

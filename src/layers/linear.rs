@@ -331,7 +331,7 @@ impl Mergeable for LoraLinear {
             return Ok(());
         };
         let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, 1.0, name)?);
+        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, 1.0, false, name)?);
         self.merged = true;
         Ok(())
     }
@@ -344,7 +344,7 @@ impl Mergeable for LoraLinear {
             return Ok(());
         };
         let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, -1.0, name)?);
+        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, -1.0, true, name)?);
         self.merged = false;
         Ok(())
     }

@@ -497,4 +497,19 @@ mod tests {
             assert_ne!(want(m, sign, &once), want(m, sign, &twice), "{m}");
         }
     }
+
+    /// Issue 13 item 3: PEFT forces `fan_in_fan_out` to False on `nn.Linear`; a config saying
+    /// true merges a `[out, in]` weight exactly as one saying false.
+    #[test]
+    fn fan_in_fan_out_follows_the_layer_not_the_config() {
+        let mut c = case();
+        let plain = run(&c, Direction::Merge);
+        c.adapter.config.fan_in_fan_out = true;
+        assert_eq!(run(&c, Direction::Merge), plain);
+        // A `[in, out]` (GPT-2 Conv1D) weight of the same module takes the transposed ΔW.
+        let m = &c.adapter.modules["lin"];
+        assert_eq!(m.fan_in_fan_out_for(&[4, 6], false), Some(false));
+        assert_eq!(m.fan_in_fan_out_for(&[6, 4], false), Some(true));
+        assert_eq!(m.fan_in_fan_out_for(&[5, 4], true), None);
+    }
 }

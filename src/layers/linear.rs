@@ -32,6 +32,7 @@
 //! ```
 
 use candle_core::{Module, Tensor, Var};
+use std::cell::Cell;
 
 use super::{
     apply_delta, check_init, dropout, expect_shape, init, LoraRng, LoraSpec, LowRank, Mergeable,
@@ -232,6 +233,9 @@ impl LoraLinear {
                 self.lora.as_ref().map_or("", |l| &l.name)
             )));
         }
+        if !self.merged && self.lora.is_some() && LOW_RANK_REFERENCE.with(Cell::get) {
+            return self.plain_forward(x, train);
+        }
         match self.fused_forward(x, train)? {
             Some(y) => Ok(y),
             None => self.plain_forward(x, train),
@@ -314,6 +318,26 @@ impl LoraLinear {
         let delta = matmul_t(&xa, l.b.as_tensor())?.to_dtype(y.dtype())?; // [..., out]
         Ok((y + delta)?)
     }
+}
+
+thread_local! {
+    static LOW_RANK_REFERENCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every unmerged adapted [`LoraLinear`] on this thread computing the explicit
+/// low-rank form `y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ` with plain tensor ops. The fast path builds the
+/// merged weight `W0 + s·B·A` on the fly when that costs less (many rows), which makes "merged
+/// vs unmerged" the same computation; checks of merge, unmerge and init compare the merged
+/// weight against this form instead.
+pub fn with_low_rank_reference<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            LOW_RANK_REFERENCE.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(LOW_RANK_REFERENCE.with(|c| c.replace(true)));
+    f()
 }
 
 impl Module for LoraLinear {

@@ -13,7 +13,7 @@ mod linear;
 pub use conv::{Conv2dGeometry, LoraConv2d};
 pub use embedding::LoraEmbedding;
 pub use init::{kaiming_uniform, normal, LoraRng};
-pub use linear::LoraLinear;
+pub use linear::{with_low_rank_reference, LoraLinear};
 
 use candle_core::{DType, Tensor, Var};
 

@@ -115,12 +115,17 @@ impl ModuleAdapter {
 
 /// A LoRA adapter: its config and the factors of every adapted module, keyed by module name
 /// (without the `base_model.model.` prefix).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Adapter {
     /// The adapter's config.
     pub config: LoraConfig,
     /// Module name → factors, sorted.
     pub modules: BTreeMap<String, ModuleAdapter>,
+    /// Module name → the copy of its base weight saved as `<module>.base_layer.weight` (PEFT's
+    /// `save_embedding_layers`, for the embedding layers `embed_tokens` / `lm_head`). PEFT loads
+    /// it into the model's base weight, so merging and building use it in place of the
+    /// checkpoint's weight.
+    pub base_layers: BTreeMap<String, Tensor>,
 }
 
 impl Adapter {
@@ -171,7 +176,7 @@ impl Adapter {
             });
         }
         let file = SafeFile::open(&weights)?;
-        let all = read_modules(&file, dev)?;
+        let (all, copies) = read_modules(&file, dev)?;
         if all.is_empty() {
             return Err(Error::MissingTensor {
                 key: "lora_A/lora_B".into(),
@@ -200,6 +205,14 @@ impl Adapter {
             }
             modules.insert(name, m);
         }
+        let mut base_layers = BTreeMap::new();
+        for (name, t) in copies {
+            if modules.contains_key(&name) {
+                base_layers.insert(name, t);
+            } else {
+                ignored.push(keys::format(&name, Factor::BaseWeight));
+            }
+        }
         if modules.is_empty() {
             return Err(Error::Config(format!(
                 "{}: target_modules matches none of the {} modules in {}, so PEFT would load nothing",
@@ -208,7 +221,14 @@ impl Adapter {
                 weights.display()
             )));
         }
-        Ok((Adapter { config, modules }, ignored))
+        Ok((
+            Adapter {
+                config,
+                modules,
+                base_layers,
+            },
+            ignored,
+        ))
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if
@@ -223,6 +243,12 @@ impl Adapter {
             };
             tensors.insert(keys::format(name, fa), m.a.to_dtype(DType::F32)?);
             tensors.insert(keys::format(name, fb), m.b.to_dtype(DType::F32)?);
+        }
+        for (name, t) in &self.base_layers {
+            tensors.insert(
+                keys::format(name, Factor::BaseWeight),
+                t.to_dtype(DType::F32)?,
+            );
         }
         st::save(&dir.join(WEIGHTS_FILE), &tensors, &st::pt_metadata())?;
         let mut cfg = self.config.clone();
@@ -254,6 +280,13 @@ impl Adapter {
                     hint: format!("the base has no `{key}`: is this an adapter for another model?"),
                 });
             };
+            if let Some(copy) = self.base_layers.get(name).filter(|c| c.dims() != shape) {
+                return Err(Error::ShapeMismatch {
+                    key: keys::format(name, Factor::BaseWeight),
+                    got: copy.dims().to_vec(),
+                    what: format!("the base weight `{key}` of shape {shape:?}"),
+                });
+            }
             let want = m.base_shape(self.config.fan_in_fan_out);
             if m.fan_in_fan_out_for(shape, self.config.fan_in_fan_out)
                 .is_none()
@@ -271,12 +304,21 @@ impl Adapter {
     }
 }
 
-/// Groups the file's keys into modules and validates each.
-fn read_modules(file: &SafeFile, dev: &Device) -> Result<BTreeMap<String, ModuleAdapter>> {
+type Modules = BTreeMap<String, ModuleAdapter>;
+
+/// Groups the file's keys into modules and validates each; base-weight copies apart.
+fn read_modules(file: &SafeFile, dev: &Device) -> Result<(Modules, BTreeMap<String, Tensor>)> {
     let path = file.path();
     let mut parts: BTreeMap<String, BTreeMap<Factor, Tensor>> = BTreeMap::new();
+    let mut copies = BTreeMap::new();
     for key in file.names() {
         let (module, factor) = keys::parse(&key, path)?;
+        if factor == Factor::BaseWeight {
+            let t = file.tensor(&key, dev)?;
+            crate::layers::check_finite(&t, &key, "loading the adapter")?;
+            copies.insert(module, t);
+            continue;
+        }
         let (_, shape) = file.info(&key)?;
         if shape.contains(&0) || shape.is_empty() {
             return Err(Error::ShapeMismatch {
@@ -294,10 +336,18 @@ fn read_modules(file: &SafeFile, dev: &Device) -> Result<BTreeMap<String, Module
             });
         }
     }
-    parts
+    let modules: Modules = parts
         .into_iter()
         .map(|(name, f)| Ok((name.clone(), module_from_parts(name, f, path)?)))
-        .collect()
+        .collect::<Result<_>>()?;
+    if let Some(name) = copies.keys().find(|n| !modules.contains_key(*n)) {
+        return Err(Error::UnusedTensor {
+            key: keys::format(name, Factor::BaseWeight),
+            file: path.into(),
+            hint: "a base-weight copy of a module with no LoRA factors".into(),
+        });
+    }
+    Ok((modules, copies))
 }
 
 fn module_from_parts(

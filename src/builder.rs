@@ -82,6 +82,33 @@ struct Registered {
     kind: ModuleKind,
     a: Var,
     b: Var,
+    /// The frozen base weight of an embedding layer (`embed_tokens`, `lm_head`), which PEFT
+    /// saves as `<module>.base_layer.weight` when the config targets one.
+    base: Option<Tensor>,
+}
+
+/// PEFT's `EMBEDDING_LAYER_NAMES` (`utils/constants.py`).
+const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+
+/// PEFT's `save_embedding_layers="auto"` rule (`utils/save_and_load.py`
+/// `get_peft_model_state_dict`): a list naming `embed_tokens` or `lm_head` exactly, or a regex
+/// (not "all-linear") that fully matches a module whose name ends in one of them.
+fn embedding_is_targeted(cfg: &LoraConfig, modules: &BTreeSet<String>) -> bool {
+    match &cfg.target_modules {
+        Some(TargetModules::List(l)) => l
+            .iter()
+            .any(|t| EMBEDDING_LAYER_NAMES.contains(&t.as_str())),
+        Some(TargetModules::Regex(r)) if r != "all-linear" => {
+            let Ok(re) = crate::target::full_regex("target_modules", r) else {
+                return false;
+            };
+            modules.iter().any(|m| {
+                let leaf = m.rsplit('.').next().unwrap_or(m);
+                EMBEDDING_LAYER_NAMES.contains(&leaf) && re.is_match(m)
+            })
+        }
+        _ => false,
+    }
 }
 
 #[derive(Default)]
@@ -228,6 +255,14 @@ impl LoraBuilder {
         Ok(t)
     }
 
+    /// Whether the source holds the tensor `name` (a full name, not under this builder's path).
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.inner
+            .source
+            .get(name, &Device::Cpu)
+            .is_ok_and(|t| t.is_some())
+    }
+
     /// A tensor that is not part of a LoRA-able layer (a norm weight, say): frozen, or a
     /// trainable variable under full fine-tuning.
     pub fn tensor(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
@@ -314,9 +349,11 @@ impl LoraBuilder {
         Ok(Some((spec, loaded)))
     }
 
-    fn register(&self, kind: ModuleKind, vars: Vec<Var>) {
+    fn register(&self, kind: ModuleKind, vars: Vec<Var>, base: &Tensor) {
         if let [a, b] = vars.as_slice() {
             let name = self.name();
+            let leaf = self.path.last().map_or("", String::as_str);
+            let base = EMBEDDING_LAYER_NAMES.contains(&leaf).then(|| base.clone());
             let mut st = self.state();
             st.adapters.insert(
                 name.clone(),
@@ -324,6 +361,7 @@ impl LoraBuilder {
                     kind,
                     a: a.clone(),
                     b: b.clone(),
+                    base,
                 },
             );
             st.trainable.push((format!("{name}.lora_A"), a.clone()));
@@ -372,6 +410,39 @@ impl LoraBuilder {
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
         let w = self.load("weight", &[out_dim, in_dim])?;
         let b = bias.then(|| self.load("bias", &[out_dim])).transpose()?;
+        self.linear_with(w, b)
+    }
+
+    /// A linear layer over a given frozen weight `[out, in]`, adapted where targeted: the output
+    /// head of a model with tied embeddings, whose weight is the embedding table. PEFT wraps
+    /// such a head like any `nn.Linear` (its base weight stays the shared table).
+    pub fn tied_linear(&self, weight: Tensor) -> Result<LoraLinear> {
+        self.linear_with(weight.to_dtype(self.inner.dtype)?, None)
+    }
+
+    /// The loaded adapter's `base_layer.weight` copy for this module in place of `w`, as PEFT
+    /// loads it over the base weight; `w` when there is none.
+    fn base_copy(&self, w: Tensor) -> Result<Tensor> {
+        let name = self.name();
+        let Some(copy) = self
+            .inner
+            .init_from
+            .as_ref()
+            .and_then(|a| a.base_layers.get(&name))
+        else {
+            return Ok(w);
+        };
+        if copy.dims() != w.dims() {
+            return Err(Error::ShapeMismatch {
+                key: crate::keys::format(&name, crate::keys::Factor::BaseWeight),
+                got: copy.dims().to_vec(),
+                what: format!("the model's `{name}.weight` {:?}", w.dims()),
+            });
+        }
+        Ok(copy.to_dtype(self.inner.dtype)?)
+    }
+
+    fn linear_with(&self, w: Tensor, b: Option<Tensor>) -> Result<LoraLinear> {
         if self.inner.full {
             self.state().modules.insert(self.name());
             let l = LoraLinear::trainable(&w, b.as_ref())?;
@@ -382,6 +453,12 @@ impl LoraBuilder {
         if b.is_some() {
             self.check_bias(plan.is_some())?;
         }
+        let w = if plan.is_some() {
+            self.base_copy(w)?
+        } else {
+            w
+        };
+        let base = w.clone();
         let layer = match plan {
             None => LoraLinear::frozen(w, b),
             Some((spec, None)) => LoraLinear::new(w, b, &spec, &self.inner.rng, &self.name())?,
@@ -399,6 +476,7 @@ impl LoraBuilder {
         self.register(
             ModuleKind::Linear,
             layer.lora().map(|l| l.vars()).unwrap_or_default(),
+            &base,
         );
         Ok(layer)
     }
@@ -412,7 +490,14 @@ impl LoraBuilder {
             self.register_full(e.trainable_vars());
             return Ok(e);
         }
-        let layer = match self.plan(ModuleKind::Embedding)? {
+        let plan = self.plan(ModuleKind::Embedding)?;
+        let t = if plan.is_some() {
+            self.base_copy(t)?
+        } else {
+            t
+        };
+        let base = t.clone();
+        let layer = match plan {
             None => LoraEmbedding::frozen(t),
             Some((spec, None)) => LoraEmbedding::new(t, &spec, &self.inner.rng, &self.name())?,
             Some((spec, Some(m))) => {
@@ -422,6 +507,7 @@ impl LoraBuilder {
         self.register(
             ModuleKind::Embedding,
             layer.lora().map(|l| l.vars()).unwrap_or_default(),
+            &base,
         );
         Ok(layer)
     }
@@ -438,6 +524,7 @@ impl LoraBuilder {
         let w = self.load("weight", &[out_c, in_c, k, k])?;
         let b = bias.then(|| self.load("bias", &[out_c])).transpose()?;
         let plan = self.plan(ModuleKind::Conv2d)?;
+        let w_base = w.clone();
         if b.is_some() {
             self.check_bias(plan.is_some())?;
         }
@@ -458,9 +545,11 @@ impl LoraBuilder {
                 &self.inner.rng,
             )?,
         };
+        let base = w_base;
         self.register(
             ModuleKind::Conv2d,
             layer.lora().map(|l| l.vars()).unwrap_or_default(),
+            &base,
         );
         Ok(layer)
     }
@@ -503,8 +592,15 @@ impl LoraBuilder {
             .config
             .clone()
             .ok_or_else(|| Error::State("the builder has no LoRA config".into()))?;
-        let modules = self
-            .state()
+        let st = self.state();
+        let save_copies = embedding_is_targeted(&config, &st.modules);
+        let base_layers = st
+            .adapters
+            .iter()
+            .filter(|_| save_copies)
+            .filter_map(|(n, r)| Some((n.clone(), r.base.clone()?)))
+            .collect();
+        let modules = st
             .adapters
             .iter()
             .map(|(n, r)| {
@@ -516,7 +612,11 @@ impl LoraBuilder {
                 Ok((n.clone(), m))
             })
             .collect::<Result<_>>()?;
-        Ok(Adapter { config, modules })
+        Ok(Adapter {
+            config,
+            modules,
+            base_layers,
+        })
     }
 
     /// Checks, once the model is built, that the config matched something and that every module
@@ -668,6 +768,7 @@ mod tests {
         let adapter = |json: &str| Adapter {
             config: serde_json::from_str(json).unwrap(),
             modules: [("blocks.0.k".to_string(), module(2))].into(),
+            ..Default::default()
         };
         let build_with = |a: Adapter| -> Result<()> {
             let vb = LoraBuilder::new(MapSource::new(weights()), DType::F32, dev.clone())

@@ -126,6 +126,15 @@ impl Deltas<'_> {
             .filter(|m| self.adapter.modules.contains_key(*m))
     }
 
+    /// The base weight of `module`: the adapter's `base_layer.weight` copy when it has one (PEFT
+    /// loads that copy over the model's weight), in the checkpoint's dtype; else `stored`.
+    fn base(&self, module: &str, stored: Tensor) -> Result<Tensor> {
+        match self.adapter.base_layers.get(module) {
+            Some(copy) => Ok(copy.to_dtype(stored.dtype())?),
+            None => Ok(stored),
+        }
+    }
+
     /// `base ± ΔW` rounded to the base dtype as PEFT rounds it (see `layers::apply_delta`),
     /// returned in f32.
     fn apply(&self, module: &str, base: &Tensor) -> Result<Tensor> {
@@ -214,7 +223,10 @@ fn write_shard(ckpt: &Checkpoint, i: usize, out: &Path, d: &Deltas) -> Result<us
     st::write_streaming(out, entries, &shard.metadata(), |e| {
         match d.module_of(&e.name) {
             Some(module) => {
-                let merged = d.apply(module, &shard.tensor(&e.name, &Device::Cpu)?)?;
+                let merged = d.apply(
+                    module,
+                    &d.base(module, shard.tensor(&e.name, &Device::Cpu)?)?,
+                )?;
                 st::tensor_bytes(&merged.to_dtype(e.dtype)?)
             }
             None => Ok(shard.bytes(&e.name)?.to_vec()),
@@ -298,7 +310,7 @@ fn verify(ckpt: &Checkpoint, adapter: &Adapter, out: &Path, direction: Direction
     let mut worst = 0f32;
     for module in adapter.modules.keys() {
         let name = format!("{module}.weight");
-        let want = d.apply(module, &ckpt.tensor(&name, &Device::Cpu)?)?;
+        let want = d.apply(module, &d.base(module, ckpt.tensor(&name, &Device::Cpu)?)?)?;
         let got = written.tensor(&name, &Device::Cpu)?.to_dtype(DType::F32)?;
         let diff = (got - want)?
             .abs()?
@@ -436,6 +448,7 @@ mod tests {
         let adapter = Adapter {
             config: LoraConfig::new(r, 16.0, &["lin", "emb"]),
             modules,
+            ..Default::default()
         };
         Case {
             dir,
@@ -511,5 +524,41 @@ mod tests {
         assert_eq!(m.fan_in_fan_out_for(&[4, 6], false), Some(false));
         assert_eq!(m.fan_in_fan_out_for(&[6, 4], false), Some(true));
         assert_eq!(m.fan_in_fan_out_for(&[5, 4], true), None);
+    }
+
+    /// Issue 13 item 4: PEFT loads `<emb>.base_layer.weight` over the base weight, so the merge
+    /// starts from the file's copy, not the checkpoint's weight.
+    #[test]
+    fn an_embedding_copy_in_the_file_replaces_the_base_weight() {
+        let mut c = case();
+        let copy: Vec<f32> = c.base["emb"].iter().map(|w| -w).collect();
+        let t = Tensor::from_vec(copy.clone(), (6, 4), &Device::Cpu).unwrap();
+        c.adapter.base_layers.insert("emb".into(), t);
+        let merged = run(&c, Direction::Merge);
+        let want: Vec<f32> = copy
+            .iter()
+            .zip(&c.delta["emb"])
+            .map(|(w, d)| bf16::from_f32(w + bf16::from_f32(*d).to_f32()).to_f32())
+            .collect();
+        assert_eq!(merged["emb"], want);
+        // A copy of another shape is refused by name.
+        let bad = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+        c.adapter.base_layers.insert("emb".into(), bad);
+        let out = c.dir.path().join("bad.safetensors");
+        let opts = MergeOptions {
+            direction: Direction::Merge,
+            verify: false,
+            force: true,
+        };
+        let e = merge_checkpoint(
+            &c.dir.path().join("base.safetensors"),
+            &c.adapter,
+            &out,
+            opts,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("emb.base_layer.weight"), "{e}");
+        assert!(!out.exists());
     }
 }

@@ -621,7 +621,7 @@ impl DemoReport {
         )?;
         writeln!(
             t,
-            "   before the update, max |low-rank form - base|   {:.3e}   (B = 0: LoRA adds nothing)",
+            "   before the update, max |low-rank - base|    {:.3e}   (B = 0: LoRA adds nothing)",
             self.init_output_max_abs_diff
         )?;
         writeln!(

@@ -494,4 +494,53 @@ mod tests {
             "a loaded PEFT config is written back unchanged"
         );
     }
+
+    /// A copy of the TinyNet fixture adapter with its config edited by `edit`.
+    fn edited(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture().join(WEIGHTS_FILE), dir.path().join(WEIGHTS_FILE)).unwrap();
+        let mut v: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture().join(CONFIG_FILE)).unwrap())
+                .unwrap();
+        edit(&mut v);
+        std::fs::write(dir.path().join(CONFIG_FILE), v.to_string()).unwrap();
+        dir
+    }
+
+    /// Issue 13 items 2 and 9: only what PEFT's loader would load is kept, the rank comes from
+    /// the config, and `bias: "all"` on a file with no bias tensors loads as PEFT's does.
+    #[test]
+    fn load_keeps_what_peft_loads_and_takes_the_rank_from_the_config() {
+        let dir = edited(|v| v["exclude_modules"] = serde_json::json!(["v"]));
+        let (a, ignored) = Adapter::load_report(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(
+            a.modules.keys().collect::<Vec<_>>(),
+            ["blocks.0.q", "blocks.1.q"]
+        );
+        assert_eq!(
+            ignored,
+            [
+                "base_model.model.blocks.0.v.lora_A.weight",
+                "base_model.model.blocks.0.v.lora_B.weight",
+                "base_model.model.blocks.1.v.lora_A.weight",
+                "base_model.model.blocks.1.v.lora_B.weight"
+            ]
+        );
+        let dir = edited(|v| v["rank_pattern"] = serde_json::json!({"blocks\\.1\\.q": 2}));
+        let e = Adapter::load(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blocks.1.q.lora_A.weight") && e.contains("rank 2"),
+            "{e}"
+        );
+        let dir = edited(|v| v["bias"] = serde_json::json!("all"));
+        assert_eq!(
+            Adapter::load(dir.path(), &Device::Cpu)
+                .unwrap()
+                .modules
+                .len(),
+            4
+        );
+    }
 }

@@ -73,6 +73,34 @@ impl ModuleAdapter {
         Ok((d * scale)?)
     }
 
+    /// PEFT's keys for this module's factors, `[A, B]`.
+    pub fn keys(&self, module: &str) -> [String; 2] {
+        let (fa, fb) = match self.kind {
+            ModuleKind::Embedding => (Factor::EmbeddingA, Factor::EmbeddingB),
+            _ => (Factor::A, Factor::B),
+        };
+        [keys::format(module, fa), keys::format(module, fb)]
+    }
+
+    /// Whether the base weight of shape `base` is stored `[in, out]`, decided per layer as PEFT
+    /// does (`tuners/lora/layer.py` `dispatch_default`: `fan_in_fan_out` is forced to False for
+    /// `nn.Linear`, `[out, in]`, and to True for GPT-2's `Conv1D`, `[in, out]`). Without the
+    /// model the shape tells the two apart; only a square weight falls back to the config's
+    /// `fan_in_fan_out`. `None` when neither orientation fits. Embedding and conv: `false`.
+    pub fn fan_in_fan_out_for(&self, base: &[usize], config_flag: bool) -> Option<bool> {
+        if self.kind != ModuleKind::Linear {
+            return (base == self.base_shape(false).as_slice()).then_some(false);
+        }
+        let linear = base == self.base_shape(false).as_slice();
+        let conv1d = base == self.base_shape(true).as_slice();
+        match (linear, conv1d) {
+            (true, true) => Some(config_flag),
+            (true, false) => Some(false),
+            (false, true) => Some(true),
+            (false, false) => None,
+        }
+    }
+
     /// The shape of the base weight this adapter fits.
     pub fn base_shape(&self, fan_in_fan_out: bool) -> Vec<usize> {
         let (a, b) = (self.a.dims(), self.b.dims());
@@ -87,12 +115,17 @@ impl ModuleAdapter {
 
 /// A LoRA adapter: its config and the factors of every adapted module, keyed by module name
 /// (without the `base_model.model.` prefix).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Adapter {
     /// The adapter's config.
     pub config: LoraConfig,
     /// Module name → factors, sorted.
     pub modules: BTreeMap<String, ModuleAdapter>,
+    /// Module name → the copy of its base weight saved as `<module>.base_layer.weight` (PEFT's
+    /// `save_embedding_layers`, for the embedding layers `embed_tokens` / `lm_head`). PEFT loads
+    /// it into the model's base weight, so merging and building use it in place of the
+    /// checkpoint's weight.
+    pub base_layers: BTreeMap<String, Tensor>,
 }
 
 impl Adapter {
@@ -112,7 +145,19 @@ impl Adapter {
     }
 
     /// Loads and validates an adapter directory onto `dev` (tensors in their stored dtype).
+    /// Only the modules its config targets are kept, as PEFT's loader does; see
+    /// [`Adapter::load_report`] for the keys left out.
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
+        Self::load_report(dir, dev).map(|(a, _)| a)
+    }
+
+    /// [`Adapter::load`], also returning the keys PEFT would not load: tensors of modules the
+    /// config does not target (after `exclude_modules` and `layers_to_transform`). PEFT builds
+    /// LoRA layers only where the config targets (`tuners_utils.py` `inject_adapter`) and then
+    /// loads the file non-strictly (`utils/save_and_load.py` `set_peft_model_state_dict`), so
+    /// such tensors have no effect there. A targeted module's rank must be the config's
+    /// (`r` / `rank_pattern`): PEFT's layer has that shape and refuses another.
+    pub fn load_report(dir: &Path, dev: &Device) -> Result<(Self, Vec<String>)> {
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
@@ -131,14 +176,59 @@ impl Adapter {
             });
         }
         let file = SafeFile::open(&weights)?;
-        let modules = read_modules(&file, dev)?;
-        if modules.is_empty() {
+        let (all, copies) = read_modules(&file, dev)?;
+        if all.is_empty() {
             return Err(Error::MissingTensor {
                 key: "lora_A/lora_B".into(),
                 file: Some(weights),
             });
         }
-        Ok(Adapter { config, modules })
+        let targeting = config.targeting()?;
+        let mut modules = BTreeMap::new();
+        let mut ignored = vec![];
+        for (name, m) in all {
+            if !targeting.is_target(&name, Some(m.kind)) {
+                ignored.extend(m.keys(&name));
+                continue;
+            }
+            let r = config.rank_for(&name);
+            if m.rank() != r {
+                return Err(Error::ShapeMismatch {
+                    key: m.keys(&name)[0].clone(),
+                    got: m.a.dims().to_vec(),
+                    what: format!(
+                        "the config's rank {r} for `{name}` (r / rank_pattern; PEFT refuses \
+                         a factor of another shape) in {}",
+                        weights.display()
+                    ),
+                });
+            }
+            modules.insert(name, m);
+        }
+        let mut base_layers = BTreeMap::new();
+        for (name, t) in copies {
+            if modules.contains_key(&name) {
+                base_layers.insert(name, t);
+            } else {
+                ignored.push(keys::format(&name, Factor::BaseWeight));
+            }
+        }
+        if modules.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: target_modules matches none of the {} modules in {}, so PEFT would load nothing",
+                dir.join(CONFIG_FILE).display(),
+                ignored.len() / 2,
+                weights.display()
+            )));
+        }
+        Ok((
+            Adapter {
+                config,
+                modules,
+                base_layers,
+            },
+            ignored,
+        ))
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if
@@ -154,11 +244,13 @@ impl Adapter {
             tensors.insert(keys::format(name, fa), m.a.to_dtype(DType::F32)?);
             tensors.insert(keys::format(name, fb), m.b.to_dtype(DType::F32)?);
         }
-        tensor_file::save(
-            &dir.join(WEIGHTS_FILE),
-            &tensors,
-            &tensor_file::pt_metadata(),
-        )?;
+        for (name, t) in &self.base_layers {
+            tensors.insert(
+                keys::format(name, Factor::BaseWeight),
+                t.to_dtype(DType::F32)?,
+            );
+        }
+        tensor_file::save(&dir.join(WEIGHTS_FILE), &tensors, &tensor_file::pt_metadata())?;
         let mut cfg = self.config.clone();
         cfg.inference_mode = true;
         fill_peft_fields(&mut cfg);
@@ -188,8 +280,17 @@ impl Adapter {
                     hint: format!("the base has no `{key}`: is this an adapter for another model?"),
                 });
             };
+            if let Some(copy) = self.base_layers.get(name).filter(|c| c.dims() != shape) {
+                return Err(Error::ShapeMismatch {
+                    key: keys::format(name, Factor::BaseWeight),
+                    got: copy.dims().to_vec(),
+                    what: format!("the base weight `{key}` of shape {shape:?}"),
+                });
+            }
             let want = m.base_shape(self.config.fan_in_fan_out);
-            if *shape != want {
+            if m.fan_in_fan_out_for(shape, self.config.fan_in_fan_out)
+                .is_none()
+            {
                 return Err(Error::ShapeMismatch {
                     key: name.clone(),
                     got: want,
@@ -203,12 +304,21 @@ impl Adapter {
     }
 }
 
-/// Groups the file's keys into modules and validates each.
-fn read_modules(file: &SafeFile, dev: &Device) -> Result<BTreeMap<String, ModuleAdapter>> {
+type Modules = BTreeMap<String, ModuleAdapter>;
+
+/// Groups the file's keys into modules and validates each; base-weight copies apart.
+fn read_modules(file: &SafeFile, dev: &Device) -> Result<(Modules, BTreeMap<String, Tensor>)> {
     let path = file.path();
     let mut parts: BTreeMap<String, BTreeMap<Factor, Tensor>> = BTreeMap::new();
+    let mut copies = BTreeMap::new();
     for key in file.names() {
         let (module, factor) = keys::parse(&key, path)?;
+        if factor == Factor::BaseWeight {
+            let t = file.tensor(&key, dev)?;
+            crate::layers::check_finite(&t, &key, "loading the adapter")?;
+            copies.insert(module, t);
+            continue;
+        }
         let (_, shape) = file.info(&key)?;
         if shape.contains(&0) || shape.is_empty() {
             return Err(Error::ShapeMismatch {
@@ -226,10 +336,18 @@ fn read_modules(file: &SafeFile, dev: &Device) -> Result<BTreeMap<String, Module
             });
         }
     }
-    parts
+    let modules: Modules = parts
         .into_iter()
         .map(|(name, f)| Ok((name.clone(), module_from_parts(name, f, path)?)))
-        .collect()
+        .collect::<Result<_>>()?;
+    if let Some(name) = copies.keys().find(|n| !modules.contains_key(*n)) {
+        return Err(Error::UnusedTensor {
+            key: keys::format(name, Factor::BaseWeight),
+            file: path.into(),
+            hint: "a base-weight copy of a module with no LoRA factors".into(),
+        });
+    }
+    Ok((modules, copies))
 }
 
 fn module_from_parts(
@@ -374,6 +492,55 @@ mod tests {
         assert_eq!(
             ours, theirs,
             "a loaded PEFT config is written back unchanged"
+        );
+    }
+
+    /// A copy of the TinyNet fixture adapter with its config edited by `edit`.
+    fn edited(edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture().join(WEIGHTS_FILE), dir.path().join(WEIGHTS_FILE)).unwrap();
+        let mut v: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture().join(CONFIG_FILE)).unwrap())
+                .unwrap();
+        edit(&mut v);
+        std::fs::write(dir.path().join(CONFIG_FILE), v.to_string()).unwrap();
+        dir
+    }
+
+    /// Issue 13 items 2 and 9: only what PEFT's loader would load is kept, the rank comes from
+    /// the config, and `bias: "all"` on a file with no bias tensors loads as PEFT's does.
+    #[test]
+    fn load_keeps_what_peft_loads_and_takes_the_rank_from_the_config() {
+        let dir = edited(|v| v["exclude_modules"] = serde_json::json!(["v"]));
+        let (a, ignored) = Adapter::load_report(dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(
+            a.modules.keys().collect::<Vec<_>>(),
+            ["blocks.0.q", "blocks.1.q"]
+        );
+        assert_eq!(
+            ignored,
+            [
+                "base_model.model.blocks.0.v.lora_A.weight",
+                "base_model.model.blocks.0.v.lora_B.weight",
+                "base_model.model.blocks.1.v.lora_A.weight",
+                "base_model.model.blocks.1.v.lora_B.weight"
+            ]
+        );
+        let dir = edited(|v| v["rank_pattern"] = serde_json::json!({"blocks\\.1\\.q": 2}));
+        let e = Adapter::load(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blocks.1.q.lora_A.weight") && e.contains("rank 2"),
+            "{e}"
+        );
+        let dir = edited(|v| v["bias"] = serde_json::json!("all"));
+        assert_eq!(
+            Adapter::load(dir.path(), &Device::Cpu)
+                .unwrap()
+                .modules
+                .len(),
+            4
         );
     }
 }

@@ -32,10 +32,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{Adapter, ModuleAdapter};
-use crate::config::{LoraConfig, ModuleKind, TargetModules};
+use crate::model_weights::Checkpoint;
+use crate::config::{Bias, LoraConfig, ModuleKind, TargetModules};
 use crate::error::{Error, Result};
 use crate::layers::{Conv2dGeometry, LoraConv2d, LoraEmbedding, LoraLinear, LoraRng, LoraSpec};
-use crate::model_weights::Checkpoint;
 
 /// Where frozen base tensors come from.
 pub trait TensorSource: Send + Sync {
@@ -82,6 +82,33 @@ struct Registered {
     kind: ModuleKind,
     a: Var,
     b: Var,
+    /// The frozen base weight of an embedding layer (`embed_tokens`, `lm_head`), which PEFT
+    /// saves as `<module>.base_layer.weight` when the config targets one.
+    base: Option<Tensor>,
+}
+
+/// PEFT's `EMBEDDING_LAYER_NAMES` (`utils/constants.py`).
+const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+
+/// PEFT's `save_embedding_layers="auto"` rule (`utils/save_and_load.py`
+/// `get_peft_model_state_dict`): a list naming `embed_tokens` or `lm_head` exactly, or a regex
+/// (not "all-linear") that fully matches a module whose name ends in one of them.
+fn embedding_is_targeted(cfg: &LoraConfig, modules: &BTreeSet<String>) -> bool {
+    match &cfg.target_modules {
+        Some(TargetModules::List(l)) => l
+            .iter()
+            .any(|t| EMBEDDING_LAYER_NAMES.contains(&t.as_str())),
+        Some(TargetModules::Regex(r)) if r != "all-linear" => {
+            let Ok(re) = crate::target::full_regex("target_modules", r) else {
+                return false;
+            };
+            modules.iter().any(|m| {
+                let leaf = m.rsplit('.').next().unwrap_or(m);
+                EMBEDDING_LAYER_NAMES.contains(&leaf) && re.is_match(m)
+            })
+        }
+        _ => false,
+    }
 }
 
 #[derive(Default)]
@@ -89,6 +116,8 @@ struct State {
     adapters: BTreeMap<String, Registered>,
     trainable: Vec<(String, Var)>,
     modules: BTreeSet<String>,
+    /// Modules that hold tensors but are no LoRA-able layer (norms, ...), by name.
+    other_modules: BTreeSet<String>,
     /// Bytes of every base tensor loaded so far (in the builder's dtype).
     loaded_bytes: usize,
 }
@@ -226,9 +255,23 @@ impl LoraBuilder {
         Ok(t)
     }
 
+    /// Whether the source holds the tensor `name` (a full name, not under this builder's path).
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.inner
+            .source
+            .get(name, &Device::Cpu)
+            .is_ok_and(|t| t.is_some())
+    }
+
     /// A tensor that is not part of a LoRA-able layer (a norm weight, say): frozen, or a
     /// trainable variable under full fine-tuning.
     pub fn tensor(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        if !self.path.is_empty() {
+            self.state().other_modules.insert(self.name());
+        }
+        if leaf == "bias" {
+            self.check_bias(false)?;
+        }
         let t = self.load(leaf, shape)?;
         if !self.inner.full {
             return Ok(t);
@@ -285,9 +328,17 @@ impl LoraBuilder {
                 });
             }
         }
-        let r = loaded
-            .as_ref()
-            .map_or(cfg.rank_for(&name), ModuleAdapter::rank);
+        // PEFT builds the layer with the config's rank (`tuners/lora/model.py`
+        // `_create_and_replace`: `rank_pattern`, else `r`) and then loads the file into it, so a
+        // tensor of another rank is a size-mismatch error there.
+        let r = cfg.rank_for(&name);
+        if let Some(m) = loaded.as_ref().filter(|m| m.rank() != r) {
+            return Err(Error::ShapeMismatch {
+                key: crate::keys::format(&name, crate::keys::Factor::A),
+                got: m.a.dims().to_vec(),
+                what: format!("the config's rank {r} for `{name}` (r / rank_pattern)"),
+            });
+        }
         let spec = LoraSpec {
             r,
             alpha: cfg.alpha_for(&name),
@@ -298,9 +349,11 @@ impl LoraBuilder {
         Ok(Some((spec, loaded)))
     }
 
-    fn register(&self, kind: ModuleKind, vars: Vec<Var>) {
+    fn register(&self, kind: ModuleKind, vars: Vec<Var>, base: &Tensor) {
         if let [a, b] = vars.as_slice() {
             let name = self.name();
+            let leaf = self.path.last().map_or("", String::as_str);
+            let base = EMBEDDING_LAYER_NAMES.contains(&leaf).then(|| base.clone());
             let mut st = self.state();
             st.adapters.insert(
                 name.clone(),
@@ -308,6 +361,7 @@ impl LoraBuilder {
                     kind,
                     a: a.clone(),
                     b: b.clone(),
+                    base,
                 },
             );
             st.trainable.push((format!("{name}.lora_A"), a.clone()));
@@ -326,17 +380,86 @@ impl LoraBuilder {
         }
     }
 
+    /// Refuses `bias: "all"` / `"lora_only"` where they would train a bias this library does
+    /// not train: any bias for `"all"`, a targeted layer's bias for `"lora_only"`. Elsewhere
+    /// PEFT's result equals `bias: "none"` (`tuners_utils.py`
+    /// `_mark_only_adapters_as_trainable`, `_get_learnable_bias_state_dict`).
+    fn check_bias(&self, targeted: bool) -> Result<()> {
+        let Some(cfg) = &self.inner.config else {
+            return Ok(());
+        };
+        if self.inner.full || cfg.bias == Bias::None || (cfg.bias == Bias::LoraOnly && !targeted) {
+            return Ok(());
+        }
+        Err(Error::UnsupportedFeature {
+            feature: "bias".into(),
+            detail: format!(
+                "bias: {:?} trains the bias of `{}` (PEFT trains {}); use bias: \"none\"",
+                cfg.bias,
+                self.name(),
+                if cfg.bias == Bias::All {
+                    "every `*.bias` of the model"
+                } else {
+                    "the biases of LoRA-wrapped layers"
+                }
+            ),
+        })
+    }
+
     /// A linear layer `[out, in]` (with bias if `bias`), adapted where targeted.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
         let w = self.load("weight", &[out_dim, in_dim])?;
         let b = bias.then(|| self.load("bias", &[out_dim])).transpose()?;
+        self.linear_with(w, b)
+    }
+
+    /// A linear layer over a given frozen weight `[out, in]`, adapted where targeted: the output
+    /// head of a model with tied embeddings, whose weight is the embedding table. PEFT wraps
+    /// such a head like any `nn.Linear` (its base weight stays the shared table).
+    pub fn tied_linear(&self, weight: Tensor) -> Result<LoraLinear> {
+        self.linear_with(weight.to_dtype(self.inner.dtype)?, None)
+    }
+
+    /// The loaded adapter's `base_layer.weight` copy for this module in place of `w`, as PEFT
+    /// loads it over the base weight; `w` when there is none.
+    fn base_copy(&self, w: Tensor) -> Result<Tensor> {
+        let name = self.name();
+        let Some(copy) = self
+            .inner
+            .init_from
+            .as_ref()
+            .and_then(|a| a.base_layers.get(&name))
+        else {
+            return Ok(w);
+        };
+        if copy.dims() != w.dims() {
+            return Err(Error::ShapeMismatch {
+                key: crate::keys::format(&name, crate::keys::Factor::BaseWeight),
+                got: copy.dims().to_vec(),
+                what: format!("the model's `{name}.weight` {:?}", w.dims()),
+            });
+        }
+        Ok(copy.to_dtype(self.inner.dtype)?)
+    }
+
+    fn linear_with(&self, w: Tensor, b: Option<Tensor>) -> Result<LoraLinear> {
         if self.inner.full {
             self.state().modules.insert(self.name());
             let l = LoraLinear::trainable(&w, b.as_ref())?;
             self.register_full(l.trainable_vars());
             return Ok(l);
         }
-        let layer = match self.plan(ModuleKind::Linear)? {
+        let plan = self.plan(ModuleKind::Linear)?;
+        if b.is_some() {
+            self.check_bias(plan.is_some())?;
+        }
+        let w = if plan.is_some() {
+            self.base_copy(w)?
+        } else {
+            w
+        };
+        let base = w.clone();
+        let layer = match plan {
             None => LoraLinear::frozen(w, b),
             Some((spec, None)) => LoraLinear::new(w, b, &spec, &self.inner.rng, &self.name())?,
             Some((spec, Some(m))) => LoraLinear::from_adapter(
@@ -353,6 +476,7 @@ impl LoraBuilder {
         self.register(
             ModuleKind::Linear,
             layer.lora().map(|l| l.vars()).unwrap_or_default(),
+            &base,
         );
         Ok(layer)
     }
@@ -366,7 +490,14 @@ impl LoraBuilder {
             self.register_full(e.trainable_vars());
             return Ok(e);
         }
-        let layer = match self.plan(ModuleKind::Embedding)? {
+        let plan = self.plan(ModuleKind::Embedding)?;
+        let t = if plan.is_some() {
+            self.base_copy(t)?
+        } else {
+            t
+        };
+        let base = t.clone();
+        let layer = match plan {
             None => LoraEmbedding::frozen(t),
             Some((spec, None)) => LoraEmbedding::new(t, &spec, &self.inner.rng, &self.name())?,
             Some((spec, Some(m))) => {
@@ -376,6 +507,7 @@ impl LoraBuilder {
         self.register(
             ModuleKind::Embedding,
             layer.lora().map(|l| l.vars()).unwrap_or_default(),
+            &base,
         );
         Ok(layer)
     }
@@ -391,7 +523,12 @@ impl LoraBuilder {
     ) -> Result<LoraConv2d> {
         let w = self.load("weight", &[out_c, in_c, k, k])?;
         let b = bias.then(|| self.load("bias", &[out_c])).transpose()?;
-        let layer = match self.plan(ModuleKind::Conv2d)? {
+        let plan = self.plan(ModuleKind::Conv2d)?;
+        let w_base = w.clone();
+        if b.is_some() {
+            self.check_bias(plan.is_some())?;
+        }
+        let layer = match plan {
             None => LoraConv2d::frozen(w, b, geom),
             Some((spec, None)) => {
                 LoraConv2d::new(w, b, geom, &spec, &self.inner.rng, &self.name())?
@@ -408,9 +545,11 @@ impl LoraBuilder {
                 &self.inner.rng,
             )?,
         };
+        let base = w_base;
         self.register(
             ModuleKind::Conv2d,
             layer.lora().map(|l| l.vars()).unwrap_or_default(),
+            &base,
         );
         Ok(layer)
     }
@@ -453,8 +592,15 @@ impl LoraBuilder {
             .config
             .clone()
             .ok_or_else(|| Error::State("the builder has no LoRA config".into()))?;
-        let modules = self
-            .state()
+        let st = self.state();
+        let save_copies = embedding_is_targeted(&config, &st.modules);
+        let base_layers = st
+            .adapters
+            .iter()
+            .filter(|_| save_copies)
+            .filter_map(|(n, r)| Some((n.clone(), r.base.clone()?)))
+            .collect();
+        let modules = st
             .adapters
             .iter()
             .map(|(n, r)| {
@@ -466,7 +612,11 @@ impl LoraBuilder {
                 Ok((n.clone(), m))
             })
             .collect::<Result<_>>()?;
-        Ok(Adapter { config, modules })
+        Ok(Adapter {
+            config,
+            modules,
+            base_layers,
+        })
     }
 
     /// Checks, once the model is built, that the config matched something and that every module
@@ -482,6 +632,25 @@ impl LoraBuilder {
                         "the model has no module `{name}`: is this an adapter for another model?"
                     ),
                 });
+            }
+        }
+        if let Some(cfg) = self.inner.config.as_ref().filter(|_| !self.inner.full) {
+            // PEFT visits every module (`named_modules`), containers included, and raises for a
+            // targeted one it cannot wrap (`tuners/lora/model.py` `_create_new_module`).
+            let t = cfg.targeting()?;
+            let mut others: BTreeSet<&str> = st.other_modules.iter().map(String::as_str).collect();
+            for m in st.modules.iter().chain(st.other_modules.iter()) {
+                others.extend(m.match_indices('.').map(|(i, _)| &m[..i]));
+            }
+            if let Some(m) = others
+                .into_iter()
+                .find(|m| !st.modules.contains(*m) && t.is_target(m, None))
+            {
+                return Err(Error::Config(format!(
+                    "target_modules {} matches `{m}`, which is not a Linear, Embedding or Conv2d: \
+                     PEFT raises \"Target module ... is not supported\" for it",
+                    describe_targets(cfg.target_modules.clone())
+                )));
             }
         }
         if self.inner.config.is_some() && st.adapters.is_empty() && !self.inner.full {
@@ -513,4 +682,108 @@ fn close_names(modules: &BTreeSet<String>) -> String {
         .map(|m| m.rsplit('.').next().unwrap_or(m))
         .collect();
     leaves.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+/// PEFT's loader rules that the builder applies (issue 13, items 2, 6 and 9), each with its
+/// minimal input.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `blocks.0.q` (with a bias), `blocks.0.k` (none) and a norm `blocks.0.norm`.
+    fn weights() -> BTreeMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let mut w = BTreeMap::new();
+        for name in ["blocks.0.q.weight", "blocks.0.k.weight"] {
+            w.insert(name.into(), Tensor::ones((4, 4), DType::F32, &dev).unwrap());
+        }
+        w.insert(
+            "blocks.0.q.bias".into(),
+            Tensor::zeros(4, DType::F32, &dev).unwrap(),
+        );
+        w.insert(
+            "blocks.0.norm.weight".into(),
+            Tensor::ones(4, DType::F32, &dev).unwrap(),
+        );
+        w
+    }
+
+    /// Builds the three modules with `json` as the config; the error text on failure.
+    fn build(json: &str) -> std::result::Result<Vec<String>, String> {
+        let cfg: LoraConfig = serde_json::from_str(json).unwrap();
+        let run = || -> Result<Vec<String>> {
+            let vb = LoraBuilder::new(MapSource::new(weights()), DType::F32, Device::Cpu)
+                .with_config(cfg)?;
+            let b = vb.pp("blocks").pp(0);
+            b.pp("q").linear(4, 4, true)?;
+            b.pp("k").linear(4, 4, false)?;
+            b.pp("norm").tensor("weight", &[4])?;
+            vb.finish()?;
+            Ok(vb.adapted_modules())
+        };
+        run().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bias_all_or_lora_only_is_refused_only_where_a_bias_would_train() {
+        // Item 9: on bias-free targets PEFT's file equals bias "none".
+        assert_eq!(
+            build(r#"{"target_modules": ["k"], "bias": "lora_only"}"#).unwrap(),
+            ["blocks.0.k"]
+        );
+        let e = build(r#"{"target_modules": ["q"], "bias": "lora_only"}"#).unwrap_err();
+        assert!(e.contains("bias") && e.contains("blocks.0.q"), "{e}");
+        let e = build(r#"{"target_modules": ["k"], "bias": "all"}"#).unwrap_err();
+        assert!(e.contains("bias") && e.contains("blocks.0.q"), "{e}");
+    }
+
+    #[test]
+    fn a_target_that_is_no_lora_layer_is_refused() {
+        // Item 6: PEFT raises "Target module ... is not supported".
+        for json in [
+            r#"{"target_modules": ["k", "norm"]}"#,
+            r#"{"target_modules": "blocks\\.0(\\.k)?"}"#,
+        ] {
+            let e = build(json).unwrap_err();
+            assert!(
+                e.contains("is not a Linear") && e.contains("blocks.0"),
+                "{json}: {e}"
+            );
+        }
+        assert_eq!(
+            build(r#"{"target_modules": "blocks\\.0\\.[qk]"}"#).unwrap(),
+            ["blocks.0.k", "blocks.0.q"]
+        );
+    }
+
+    #[test]
+    fn a_loaded_factor_whose_rank_disagrees_with_the_config_is_an_error() {
+        // Item 2: PEFT builds the layer with r / rank_pattern and then loads the file.
+        let dev = Device::Cpu;
+        let module = |r: usize| ModuleAdapter {
+            kind: ModuleKind::Linear,
+            a: Tensor::zeros((r, 4), DType::F32, &dev).unwrap(),
+            b: Tensor::zeros((4, r), DType::F32, &dev).unwrap(),
+        };
+        let adapter = |json: &str| Adapter {
+            config: serde_json::from_str(json).unwrap(),
+            modules: [("blocks.0.k".to_string(), module(2))].into(),
+            ..Default::default()
+        };
+        let build_with = |a: Adapter| -> Result<()> {
+            let vb = LoraBuilder::new(MapSource::new(weights()), DType::F32, dev.clone())
+                .with_adapter(a)?;
+            vb.pp("blocks.0.k").linear(4, 4, false)?;
+            vb.finish()
+        };
+        build_with(adapter(r#"{"r": 2, "target_modules": ["k"]}"#)).unwrap();
+        build_with(adapter(
+            r#"{"r": 8, "rank_pattern": {"k": 2}, "target_modules": ["k"]}"#,
+        ))
+        .unwrap();
+        let e = build_with(adapter(r#"{"r": 4, "target_modules": ["k"]}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blocks.0.k") && e.contains("rank 4"), "{e}");
+    }
 }

@@ -5,6 +5,7 @@
 //! base_model.model.<module>.lora_B.weight       linear / conv B
 //! base_model.model.<module>.lora_embedding_A    embedding A (no `.weight`)
 //! base_model.model.<module>.lora_embedding_B    embedding B
+//! base_model.model.<module>.base_layer.weight    copy of an embedding layer's base weight
 //! ```
 //!
 //! On load the `base_model.model.` prefix is optional (the transformers/diffusers form) and an
@@ -26,6 +27,10 @@ pub enum Factor {
     EmbeddingA,
     /// `lora_embedding_B`.
     EmbeddingB,
+    /// `base_layer.weight`: a copy of an embedding layer's base weight (the input embedding or
+    /// the output head), which PEFT saves with `save_embedding_layers` (by default when the
+    /// config targets `embed_tokens` or `lm_head`) and loads into the model's base weight.
+    BaseWeight,
 }
 
 impl Factor {
@@ -36,6 +41,7 @@ impl Factor {
             Factor::B => "lora_B.weight",
             Factor::EmbeddingA => "lora_embedding_A",
             Factor::EmbeddingB => "lora_embedding_B",
+            Factor::BaseWeight => "base_layer.weight",
         }
     }
 }
@@ -50,7 +56,6 @@ const UNSUPPORTED_SUFFIXES: &[(&str, &str)] = &[
     (".lora_magnitude_vector", "use_dora"),
     (".lora_B.bias", "lora_bias"),
     (".base_layer.bias", "bias"),
-    (".base_layer.weight", "save_embedding_layers"),
     (".trainable_tokens_delta", "trainable_token_indices"),
 ];
 
@@ -58,12 +63,19 @@ const UNSUPPORTED_SUFFIXES: &[(&str, &str)] = &[
 /// [`Error::UnsupportedFeature`]; any other key is an [`Error::UnusedTensor`].
 pub fn parse(key: &str, file: &std::path::Path) -> Result<(String, Factor)> {
     let path = key.strip_prefix(PREFIX).unwrap_or(key);
-    for f in [Factor::A, Factor::B, Factor::EmbeddingA, Factor::EmbeddingB] {
+    for f in [
+        Factor::A,
+        Factor::B,
+        Factor::EmbeddingA,
+        Factor::EmbeddingB,
+        Factor::BaseWeight,
+    ] {
         let (stem, leaf) = match f {
             Factor::A => ("lora_A", ".weight"),
             Factor::B => ("lora_B", ".weight"),
             Factor::EmbeddingA => ("lora_embedding_A", ""),
             Factor::EmbeddingB => ("lora_embedding_B", ""),
+            Factor::BaseWeight => ("base_layer", ".weight"),
         };
         let Some(rest) = path.strip_suffix(leaf) else {
             continue;
@@ -110,6 +122,8 @@ mod tests {
             ("blocks.1.v", Factor::B),
             ("model.embed_tokens", Factor::EmbeddingA),
             ("emb", Factor::EmbeddingB),
+            ("lm_head", Factor::BaseWeight),
+            ("model.embed_tokens", Factor::BaseWeight),
         ] {
             let key = format(module, factor);
             assert_eq!(parse(&key, f).unwrap(), (module.to_string(), factor));

@@ -3,7 +3,8 @@
 //! For every adapted module, `<module>.weight ± ΔW` with ΔW from [`crate::ModuleAdapter::delta_weight`]
 //! (linear `s·B·A`, transposed when `fan_in_fan_out`; embedding `s·(B·A)ᵀ`; conv
 //! `s·einsum(or,rikl->oikl)`), `s` per module from rsLoRA and the patterns, computed in f32 and
-//! written in the base's dtype. Every other tensor is copied byte for byte. The base is
+//! rounded to the base's dtype as PEFT rounds it (unmerge and embeddings round ΔW first).
+//! Only the modules the adapter's config targets are merged ([`Adapter::load`] keeps those). Every other tensor is copied byte for byte. The base is
 //! memory-mapped and only one tensor is held at a time; sharded checkpoints keep their shard
 //! layout and index. Outputs are written to a temporary file or folder and renamed into place,
 //! so an interrupted merge leaves nothing under the output name, and the base is only read.
@@ -14,9 +15,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::Adapter;
-use crate::error::{Error, Result};
-use crate::layers::check_finite;
 use crate::model_weights::{Checkpoint, INDEX_FILE, MODEL_FILE};
+use crate::config::ModuleKind;
+use crate::error::{Error, Result};
+use crate::layers::apply_delta;
 use crate::tensor_file::{self, Entry};
 
 /// Whether to add or subtract the adapter's update.
@@ -124,16 +126,37 @@ impl Deltas<'_> {
             .filter(|m| self.adapter.modules.contains_key(*m))
     }
 
-    /// `base ± ΔW` in f32.
+    /// The base weight of `module`: the adapter's `base_layer.weight` copy when it has one (PEFT
+    /// loads that copy over the model's weight), in the checkpoint's dtype; else `stored`.
+    fn base(&self, module: &str, stored: Tensor) -> Result<Tensor> {
+        match self.adapter.base_layers.get(module) {
+            Some(copy) => Ok(copy.to_dtype(stored.dtype())?),
+            None => Ok(stored),
+        }
+    }
+
+    /// `base ± ΔW` rounded to the base dtype as PEFT rounds it (see `layers::apply_delta`),
+    /// returned in f32.
     fn apply(&self, module: &str, base: &Tensor) -> Result<Tensor> {
         let m = &self.adapter.modules[module];
-        let delta = m.delta_weight(
-            self.adapter.scale_for(module)?,
-            self.adapter.config.fan_in_fan_out,
+        let fan_in_fan_out = m
+            .fan_in_fan_out_for(base.dims(), self.adapter.config.fan_in_fan_out)
+            .ok_or_else(|| Error::ShapeMismatch {
+                key: module.to_string(),
+                got: base.dims().to_vec(),
+                what: format!("the adapter's factors {:?} / {:?}", m.a.dims(), m.b.dims()),
+            })?;
+        let delta = m.delta_weight(self.adapter.scale_for(module)?, fan_in_fan_out)?;
+        let round_delta_first =
+            self.direction == Direction::Unmerge || m.kind == ModuleKind::Embedding;
+        let out = apply_delta(
+            base,
+            &delta,
+            self.direction.sign(),
+            round_delta_first,
+            module,
         )?;
-        let out = (base.to_dtype(DType::F32)? + (delta * self.direction.sign())?)?;
-        check_finite(&out, module, "merging the adapter into the base weight")?;
-        Ok(out)
+        Ok(out.to_dtype(DType::F32)?)
     }
 }
 
@@ -200,7 +223,10 @@ fn write_shard(ckpt: &Checkpoint, i: usize, out: &Path, d: &Deltas) -> Result<us
     tensor_file::write_streaming(out, entries, &shard.metadata(), |e| {
         match d.module_of(&e.name) {
             Some(module) => {
-                let merged = d.apply(module, &shard.tensor(&e.name, &Device::Cpu)?)?;
+                let merged = d.apply(
+                    module,
+                    &d.base(module, shard.tensor(&e.name, &Device::Cpu)?)?,
+                )?;
                 tensor_file::tensor_bytes(&merged.to_dtype(e.dtype)?)
             }
             None => Ok(shard.bytes(&e.name)?.to_vec()),
@@ -284,7 +310,7 @@ fn verify(ckpt: &Checkpoint, adapter: &Adapter, out: &Path, direction: Direction
     let mut worst = 0f32;
     for module in adapter.modules.keys() {
         let name = format!("{module}.weight");
-        let want = d.apply(module, &ckpt.tensor(&name, &Device::Cpu)?)?;
+        let want = d.apply(module, &d.base(module, ckpt.tensor(&name, &Device::Cpu)?)?)?;
         let got = written.tensor(&name, &Device::Cpu)?.to_dtype(DType::F32)?;
         let diff = (got - want)?
             .abs()?
@@ -340,4 +366,199 @@ pub struct ModuleSummary {
 /// The base tensors' names and shapes, for error hints.
 pub fn base_shapes(base: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
     Checkpoint::open(base)?.shapes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::ModuleAdapter;
+    use crate::config::LoraConfig;
+    use half::bf16;
+
+    /// Values k/64 (|k| ≤ 127): products of two and their sums over r = 2 are exact in f32, so
+    /// ΔW has one exact value, and it needs more bits than bf16 keeps.
+    fn dyadic(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 + seed * 11) % 255) as f32 / 64.0 - 127.0 / 64.0)
+            .collect()
+    }
+
+    struct Case {
+        dir: tempfile::TempDir,
+        adapter: Adapter,
+        base: BTreeMap<String, Vec<f32>>,
+        delta: BTreeMap<String, Vec<f32>>,
+    }
+
+    /// A bf16 base with `lin.weight` [4, 6] and `emb.weight` [6, 4]; an adapter of r = 2,
+    /// α = 16 (s = 8) on both, and its exact ΔW.
+    fn case() -> Case {
+        let dev = Device::Cpu;
+        let (r, s) = (2, 8.0f32);
+        let mut base = BTreeMap::new();
+        let mut tensors = BTreeMap::new();
+        let mut modules = BTreeMap::new();
+        let mut delta = BTreeMap::new();
+        for (name, kind, rows, cols) in [
+            ("lin", ModuleKind::Linear, 4, 6),
+            ("emb", ModuleKind::Embedding, 6, 4),
+        ] {
+            let w: Vec<f32> = dyadic(rows * cols, 3)
+                .iter()
+                .map(|x| bf16::from_f32(x * 1.37).to_f32())
+                .collect();
+            let t = Tensor::from_vec(w.clone(), (rows, cols), &dev).unwrap();
+            tensors.insert(format!("{name}.weight"), t.to_dtype(DType::BF16).unwrap());
+            base.insert(name.to_string(), w);
+            // ΔW [rows, cols] = s·B·A (linear: B [rows, r], A [r, cols]);
+            // embedding ΔE = s·(B·A)ᵀ with B [cols, r], A [r, rows].
+            let (out, inn) = if kind == ModuleKind::Linear {
+                (rows, cols)
+            } else {
+                (cols, rows)
+            };
+            let (a, b) = (dyadic(r * inn, 1), dyadic(out * r, 2));
+            let mut d = vec![0f32; rows * cols];
+            for o in 0..out {
+                for i in 0..inn {
+                    let v = s * (0..r).map(|k| b[o * r + k] * a[k * inn + i]).sum::<f32>();
+                    let at = if kind == ModuleKind::Linear {
+                        o * cols + i
+                    } else {
+                        i * cols + o
+                    };
+                    d[at] = v;
+                }
+            }
+            delta.insert(name.to_string(), d);
+            let m = ModuleAdapter {
+                kind,
+                a: Tensor::from_vec(a, (r, inn), &dev).unwrap(),
+                b: Tensor::from_vec(b, (out, r), &dev).unwrap(),
+            };
+            modules.insert(name.to_string(), m);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        tensor_file::save(
+            &dir.path().join("base.safetensors"),
+            &tensors,
+            &tensor_file::pt_metadata(),
+        )
+        .unwrap();
+        let adapter = Adapter {
+            config: LoraConfig::new(r, 16.0, &["lin", "emb"]),
+            modules,
+            ..Default::default()
+        };
+        Case {
+            dir,
+            adapter,
+            base,
+            delta,
+        }
+    }
+
+    fn run(c: &Case, direction: Direction) -> BTreeMap<String, Vec<f32>> {
+        let out = c.dir.path().join(format!("{direction:?}.safetensors"));
+        let opts = MergeOptions {
+            direction,
+            verify: false,
+            force: true,
+        };
+        merge_checkpoint(
+            &c.dir.path().join("base.safetensors"),
+            &c.adapter,
+            &out,
+            opts,
+        )
+        .unwrap();
+        let f = tensor_file::SafeFile::open(&out).unwrap();
+        ["lin", "emb"]
+            .iter()
+            .map(|m| {
+                let t = f.tensor(&format!("{m}.weight"), &Device::Cpu).unwrap();
+                assert_eq!(t.dtype(), DType::BF16);
+                let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                (m.to_string(), v.to_vec1::<f32>().unwrap())
+            })
+            .collect()
+    }
+
+    /// Issue 13 item 10, against an exact reference written with `half`: PEFT's Linear merge
+    /// rounds `W + ΔW` once (`weight.data += delta_weight`); its unmerge and the Embedding merge
+    /// round ΔW to bf16 first (`delta_weight.to(orig_dtype)`), then round the sum.
+    #[test]
+    fn bf16_rounding_is_peft_bit_for_bit() {
+        let c = case();
+        let once = |w: f32, d: f32| bf16::from_f32(w + d).to_f32();
+        let twice = |w: f32, d: f32| bf16::from_f32(w + bf16::from_f32(d).to_f32()).to_f32();
+        let want = |m: &str, sign: f32, f: &dyn Fn(f32, f32) -> f32| -> Vec<f32> {
+            c.base[m]
+                .iter()
+                .zip(&c.delta[m])
+                .map(|(w, d)| f(*w, sign * d))
+                .collect()
+        };
+        let merged = run(&c, Direction::Merge);
+        assert_eq!(merged["lin"], want("lin", 1.0, &once));
+        assert_eq!(merged["emb"], want("emb", 1.0, &twice));
+        let unmerged = run(&c, Direction::Unmerge);
+        assert_eq!(unmerged["lin"], want("lin", -1.0, &twice));
+        assert_eq!(unmerged["emb"], want("emb", -1.0, &twice));
+        // The two roundings differ on this input, so each assertion above can fail.
+        for (m, sign) in [("lin", -1.0), ("emb", 1.0)] {
+            assert_ne!(want(m, sign, &once), want(m, sign, &twice), "{m}");
+        }
+    }
+
+    /// Issue 13 item 3: PEFT forces `fan_in_fan_out` to False on `nn.Linear`; a config saying
+    /// true merges a `[out, in]` weight exactly as one saying false.
+    #[test]
+    fn fan_in_fan_out_follows_the_layer_not_the_config() {
+        let mut c = case();
+        let plain = run(&c, Direction::Merge);
+        c.adapter.config.fan_in_fan_out = true;
+        assert_eq!(run(&c, Direction::Merge), plain);
+        // A `[in, out]` (GPT-2 Conv1D) weight of the same module takes the transposed ΔW.
+        let m = &c.adapter.modules["lin"];
+        assert_eq!(m.fan_in_fan_out_for(&[4, 6], false), Some(false));
+        assert_eq!(m.fan_in_fan_out_for(&[6, 4], false), Some(true));
+        assert_eq!(m.fan_in_fan_out_for(&[5, 4], true), None);
+    }
+
+    /// Issue 13 item 4: PEFT loads `<emb>.base_layer.weight` over the base weight, so the merge
+    /// starts from the file's copy, not the checkpoint's weight.
+    #[test]
+    fn an_embedding_copy_in_the_file_replaces_the_base_weight() {
+        let mut c = case();
+        let copy: Vec<f32> = c.base["emb"].iter().map(|w| -w).collect();
+        let t = Tensor::from_vec(copy.clone(), (6, 4), &Device::Cpu).unwrap();
+        c.adapter.base_layers.insert("emb".into(), t);
+        let merged = run(&c, Direction::Merge);
+        let want: Vec<f32> = copy
+            .iter()
+            .zip(&c.delta["emb"])
+            .map(|(w, d)| bf16::from_f32(w + bf16::from_f32(*d).to_f32()).to_f32())
+            .collect();
+        assert_eq!(merged["emb"], want);
+        // A copy of another shape is refused by name.
+        let bad = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+        c.adapter.base_layers.insert("emb".into(), bad);
+        let out = c.dir.path().join("bad.safetensors");
+        let opts = MergeOptions {
+            direction: Direction::Merge,
+            verify: false,
+            force: true,
+        };
+        let e = merge_checkpoint(
+            &c.dir.path().join("base.safetensors"),
+            &c.adapter,
+            &out,
+            opts,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("emb.base_layer.weight"), "{e}");
+        assert!(!out.exists());
+    }
 }

@@ -28,7 +28,9 @@ use crate::app::alloc::CountingAlloc;
 use crate::app::bench::median_ms;
 use crate::config::InitLoraWeights;
 use crate::error::Result;
-use crate::layers::{kaiming_uniform, normal, LoraLinear, LoraRng, LoraSpec, Mergeable};
+use crate::layers::{
+    kaiming_uniform, normal, with_low_rank_reference, LoraLinear, LoraRng, LoraSpec, Mergeable,
+};
 
 /// The merged-vs-unmerged tolerance the seed states (max |Δ| < 1e-5).
 pub const MERGE_TOLERANCE: f64 = 1e-5;
@@ -245,12 +247,15 @@ pub struct DemoReport {
     pub memory: MemoryReport,
     /// Check 3: mean |y_after − y_before| over the output after the update of A and B.
     pub output_change_mean_abs: f64,
-    /// Check 3: max |y − base output| before the update (B = 0, so 0 up to rounding).
+    /// Check 3: max |explicit low-rank output − plain base layer output| before the update
+    /// (B = 0, so 0 up to rounding).
     pub init_output_max_abs_diff: f64,
-    /// Check 4: max |merged output − unmerged output|.
+    /// Check 4: max |merged-weight output − explicit low-rank output| ([`MERGE_FORMS`]).
     pub merge_max_abs_diff: f64,
-    /// Check 4: max |output after unmerge − unmerged output|.
+    /// Check 4: max |low-rank output after unmerge − explicit low-rank output before merge|.
     pub unmerge_max_abs_diff: f64,
+    /// Check 4: the two forms compared.
+    pub merge_forms: &'static str,
     /// Check 4: max |s·B·A|, the size of what was merged.
     pub merged_delta_max_abs: f64,
     /// Check 5.
@@ -342,14 +347,16 @@ pub fn training_memory(setup: &DemoSetup, meter: Option<&CountingAlloc>) -> Resu
     Ok(report)
 }
 
-/// Check 3: `(mean |y_after − y_before|, max |y_before − base|)` for a default-init layer
-/// (B = 0) after `A += LR·N(0, 1)`, `B += LR·N(0, 1)`, in inference mode.
+/// Check 3: `(mean |y_after − y_before|, max |low-rank form − base|)` for a default-init layer
+/// (B = 0; the low-rank form `x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ` against the plain layer) after `A += LR·N(0, 1)`, `B += LR·N(0, 1)`, in inference mode.
 pub fn output_change(setup: &DemoSetup) -> Result<(f64, f64)> {
     let layer = setup.lora_layer(InitLoraWeights::Default)?;
     let base =
         LoraLinear::frozen(setup.w.clone(), Some(setup.b.clone())).forward_t(&setup.x, false)?;
     let before = layer.forward_t(&setup.x, false)?;
-    let init_diff = max_abs_diff(&before, &base)?;
+    // B = 0: the explicit low-rank form must give the base output.
+    let low_rank = with_low_rank_reference(|| layer.forward_t(&setup.x, false))?;
+    let init_diff = max_abs_diff(&low_rank, &base)?;
     let lr = layer
         .lora()
         .ok_or_else(|| crate::Error::State("demo layer has no adapter".into()))?;
@@ -374,22 +381,34 @@ pub struct MergeCheck {
     pub layer: LoraLinear,
 }
 
+/// The forms check 4 compares, as the report names them.
+pub const MERGE_FORMS: &str =
+    "merged weight x·(W0 + s·B·A)ᵀ + b  vs  explicit low-rank x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ";
+
 /// Check 4 on an adapter with both factors random (PEFT's `init_lora_weights=False`), so `s·B·A`
 /// is as large as W0 itself and the check is not trivially 0 as with `B = 0`.
 pub fn merge_roundtrip(setup: &DemoSetup) -> Result<MergeCheck> {
-    let mut layer = setup.lora_layer(InitLoraWeights::Random)?;
+    let layer = setup.lora_layer(InitLoraWeights::Random)?;
+    let low_rank = with_low_rank_reference(|| layer.forward_t(&setup.x, false))?;
+    merge_check(layer, &setup.x, &low_rank)
+}
+
+/// Check 4's comparisons against `low_rank`, the explicit low-rank output
+/// ([`with_low_rank_reference`]): `layer` merged (one GEMM with `W0 + s·B·A`), then unmerged
+/// again (its weight must be W0 again). Whatever the row count, the two sides are different
+/// computations, so a wrong scale or a wrong merge shows.
+pub fn merge_check(mut layer: LoraLinear, x: &Tensor, low_rank: &Tensor) -> Result<MergeCheck> {
     let delta_max_abs = match layer.delta_weight()? {
         Some(d) => d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64,
         None => 0.0,
     };
-    let unmerged = layer.forward_t(&setup.x, false)?;
     layer.merge()?;
-    let merged = layer.forward_t(&setup.x, false)?;
+    let merged = layer.forward_t(x, false)?;
     layer.unmerge()?;
-    let again = layer.forward_t(&setup.x, false)?;
+    let again = with_low_rank_reference(|| layer.forward_t(x, false))?;
     Ok(MergeCheck {
-        merge_max_abs_diff: max_abs_diff(&merged, &unmerged)?,
-        unmerge_max_abs_diff: max_abs_diff(&again, &unmerged)?,
+        merge_max_abs_diff: max_abs_diff(&merged, low_rank)?,
+        unmerge_max_abs_diff: max_abs_diff(&again, low_rank)?,
         delta_max_abs,
         layer,
     })
@@ -433,6 +452,7 @@ pub fn run(options: &DemoOptions, meter: Option<&CountingAlloc>) -> Result<DemoR
         init_output_max_abs_diff,
         merge_max_abs_diff: merge.merge_max_abs_diff,
         unmerge_max_abs_diff: merge.unmerge_max_abs_diff,
+        merge_forms: MERGE_FORMS,
         merged_delta_max_abs: merge.delta_max_abs,
         speed_ms,
         config: DemoConfig {
@@ -601,7 +621,7 @@ impl DemoReport {
         )?;
         writeln!(
             t,
-            "   before the update, max |y - base output|   {:.3e}   (B = 0: LoRA adds nothing)",
+            "   before the update, max |low-rank - base|    {:.3e}   (B = 0: LoRA adds nothing)",
             self.init_output_max_abs_diff
         )?;
         writeln!(
@@ -617,16 +637,17 @@ impl DemoReport {
              trivial)",
             self.merged_delta_max_abs
         )?;
+        writeln!(t, "   compared: {}", self.merge_forms)?;
         writeln!(
             t,
-            "   max |merged - unmerged|                    {:.3e}   {} (< {:.0e})",
+            "   max |merged weight - low-rank form|        {:.3e}   {} (< {:.0e})",
             self.merge_max_abs_diff,
             pass(self.merge_max_abs_diff < MERGE_TOLERANCE),
             MERGE_TOLERANCE
         )?;
         writeln!(
             t,
-            "   max |after unmerge - unmerged|             {:.3e}   {} (< {:.0e})",
+            "   max |after unmerge - low-rank form|        {:.3e}   {} (< {:.0e})",
             self.unmerge_max_abs_diff,
             pass(self.unmerge_max_abs_diff < MERGE_TOLERANCE),
             MERGE_TOLERANCE
@@ -776,6 +797,39 @@ mod tests {
         // The merged delta is not negligible next to W0 (|W0| ≤ 1/√768 ≈ 0.036).
         assert!(m.delta_max_abs > 0.01, "{}", m.delta_max_abs);
         assert!(!m.layer.is_merged());
+    }
+
+    /// Issue 13 item 12: the check compares two computations, so a merge with a wrong scale
+    /// fails it, at the demo's row count where the fast path builds the merged weight anyway.
+    #[test]
+    fn merge_check_fails_on_a_wrong_scale() {
+        let setup = DemoSetup::new(&DemoOptions::default()).unwrap();
+        let layer = setup.lora_layer(InitLoraWeights::Random).unwrap();
+        let l = layer.lora().unwrap();
+        let rows = setup.x.elem_count() / setup.w.dim(1).unwrap();
+        let (out, inp) = setup.w.dims2().unwrap();
+        assert!(crate::ops::merged_weight_pays(rows, inp, out));
+        let wrong = LoraLinear::from_adapter(
+            setup.w.clone(),
+            Some(setup.b.clone()),
+            l.a.as_tensor().copy().unwrap(),
+            l.b.as_tensor().copy().unwrap(),
+            l.scale * 1.01,
+            0.0,
+            "wrong",
+            &setup.rng,
+        )
+        .unwrap();
+        let low_rank = with_low_rank_reference(|| layer.forward_t(&setup.x, false)).unwrap();
+        let m = merge_check(wrong, &setup.x, &low_rank).unwrap();
+        assert!(m.merge_max_abs_diff > 1e-4, "{}", m.merge_max_abs_diff);
+        // The right scale passes the same comparison, and it is not 0 by construction.
+        let right = merge_check(layer, &setup.x, &low_rank).unwrap();
+        assert!(right.merge_max_abs_diff < MERGE_TOLERANCE);
+        assert!(
+            right.merge_max_abs_diff > 0.0,
+            "the two forms are distinct computations"
+        );
     }
 
     #[test]

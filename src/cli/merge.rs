@@ -26,6 +26,10 @@ pub struct MergeArgs {
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
+    /// Refuse an adapter whose file holds tensors PEFT would not load (modules its config does
+    /// not target); by default a warning lists them and they are left out, as PEFT does.
+    #[arg(long)]
+    strict: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -33,8 +37,25 @@ pub struct MergeArgs {
 
 /// Runs `lora merge` or `lora unmerge`.
 pub fn run(a: MergeArgs, direction: Direction) -> anyhow::Result<()> {
-    let adapter = Adapter::load(&a.adapter, &Device::Cpu)
+    let (adapter, ignored) = Adapter::load_report(&a.adapter, &Device::Cpu)
         .with_context(|| format!("loading adapter {}", a.adapter.display()))?;
+    if !ignored.is_empty() {
+        let list = ignored.join(", ");
+        if a.strict {
+            anyhow::bail!(
+                "{}: {} tensors of modules the config does not target, which PEFT would not load \
+                 (--strict): {list}",
+                a.adapter.display(),
+                ignored.len()
+            );
+        }
+        eprintln!(
+            "warning: {}: left out {} tensors of modules the config does not target, as PEFT \
+             does (--strict refuses them): {list}",
+            a.adapter.display(),
+            ignored.len()
+        );
+    }
     let opts = MergeOptions {
         direction,
         verify: a.verify,

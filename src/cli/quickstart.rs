@@ -143,7 +143,7 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "merged vs unmerged logits: max |diff| = {:.2e}",
+        "merged weight vs explicit low-rank logits: max |diff| = {:.2e}",
         report.merge_max_abs_diff
     );
     println!(

@@ -214,7 +214,7 @@ impl Mergeable for LoraConv2d {
         }
         if let Some(delta) = self.delta_weight()? {
             let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-            self.weight = Param::Frozen(apply_delta(self.weight(), &delta, 1.0, name)?);
+            self.weight = Param::Frozen(apply_delta(self.weight(), &delta, 1.0, false, name)?);
             self.merged = true;
         }
         Ok(())
@@ -226,7 +226,7 @@ impl Mergeable for LoraConv2d {
         }
         if let Some(delta) = self.delta_weight()? {
             let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-            self.weight = Param::Frozen(apply_delta(self.weight(), &delta, -1.0, name)?);
+            self.weight = Param::Frozen(apply_delta(self.weight(), &delta, -1.0, true, name)?);
         }
         self.merged = false;
         Ok(())

@@ -6,7 +6,8 @@
 //! ΔE = s·(B·A)ᵀ  : [vocab, dim]        merged: y = (E + ΔE)[ids]
 //! ```
 //!
-//! PEFT's default init is the reverse of the linear one: A zeros, B ~ N(0, 1). There is no
+//! PEFT's default init (and its "gaussian") is the reverse of the linear one: A zeros,
+//! B ~ N(0, 1). There is no
 //! dropout: dropping integer ids means nothing (PEFT creates the module but never applies it).
 
 use candle_core::{DType, Tensor, Var};
@@ -53,13 +54,11 @@ impl LoraEmbedding {
         let (vocab, dim) = table.dims2()?;
         let (r, dev) = (spec.r, table.device());
         let (a, b) = match spec.init {
-            InitLoraWeights::Default => (
+            // PEFT `tuners/lora/layer.py` `reset_lora_parameters`: for `lora_embedding_A/B`
+            // every init other than `False` (`True` and "gaussian" alike) is A = 0, B ~ N(0, 1).
+            InitLoraWeights::Default | InitLoraWeights::Gaussian => (
                 Tensor::zeros((r, vocab), DType::F32, dev)?,
                 init::normal(&[dim, r], 1.0, rng, dev)?,
-            ),
-            InitLoraWeights::Gaussian => (
-                init::normal(&[r, vocab], 1.0 / r as f32, rng, dev)?,
-                Tensor::zeros((dim, r), DType::F32, dev)?,
             ),
             InitLoraWeights::Random => (
                 init::normal(&[r, vocab], 1.0, rng, dev)?,
@@ -159,7 +158,7 @@ impl Mergeable for LoraEmbedding {
         }
         if let Some(delta) = self.delta_weight()? {
             let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-            self.table = Param::Frozen(apply_delta(self.table(), &delta, 1.0, name)?);
+            self.table = Param::Frozen(apply_delta(self.table(), &delta, 1.0, true, name)?);
             self.merged = true;
         }
         Ok(())
@@ -171,7 +170,7 @@ impl Mergeable for LoraEmbedding {
         }
         if let Some(delta) = self.delta_weight()? {
             let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-            self.table = Param::Frozen(apply_delta(self.table(), &delta, -1.0, name)?);
+            self.table = Param::Frozen(apply_delta(self.table(), &delta, -1.0, true, name)?);
         }
         self.merged = false;
         Ok(())
@@ -229,6 +228,34 @@ mod tests {
             .reshape((2, 3, 6))
             .unwrap();
         assert_eq!(max_abs(&e.forward(&ids).unwrap(), &base), 0.0);
+    }
+
+    #[test]
+    fn gaussian_init_on_an_embedding_is_a_zero_b_standard_normal_as_peft() {
+        // Issue 13 item 5: PEFT keeps A = 0, B ~ N(0, 1) for "gaussian" on embeddings.
+        let (e, ids) = setup(InitLoraWeights::Gaussian);
+        let l = e.lora().unwrap();
+        let sum_abs = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(sum_abs(&l.a), 0.0);
+        let b = l.b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let var = b.iter().map(|x| x * x).sum::<f32>() / b.len() as f32;
+        // 18 draws of N(0, 1) (not N(0, 1/r²) = 0.11): the sample variance is far above 0.11.
+        assert!(var > 0.3, "B variance {var}");
+        let base = e
+            .table()
+            .index_select(&ids.flatten_all().unwrap(), 0)
+            .unwrap();
+        assert_eq!(
+            max_abs(&e.forward(&ids).unwrap().reshape((6, 6)).unwrap(), &base),
+            0.0
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@
 //! ```
 
 use candle_core::{Module, Tensor, Var};
+use std::cell::Cell;
 
 use super::{
     apply_delta, check_init, dropout, expect_shape, init, LoraRng, LoraSpec, LowRank, Mergeable,
@@ -235,6 +236,9 @@ impl LoraLinear {
                 self.lora.as_ref().map_or("", |l| &l.name)
             )));
         }
+        if !self.merged && self.lora.is_some() && LOW_RANK_REFERENCE.with(Cell::get) {
+            return self.plain_forward(x, train);
+        }
         match self.fused_forward(x, train)? {
             Some(y) => Ok(y),
             None => self.plain_forward(x, train),
@@ -325,6 +329,26 @@ impl LoraLinear {
     }
 }
 
+thread_local! {
+    static LOW_RANK_REFERENCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every unmerged adapted [`LoraLinear`] on this thread computing the explicit
+/// low-rank form `y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ` with plain tensor ops. The fast path builds the
+/// merged weight `W0 + s·B·A` on the fly when that costs less (many rows), which makes "merged
+/// vs unmerged" the same computation; checks of merge, unmerge and init compare the merged
+/// weight against this form instead.
+pub fn with_low_rank_reference<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            LOW_RANK_REFERENCE.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(LOW_RANK_REFERENCE.with(|c| c.replace(true)));
+    f()
+}
+
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_t(x, false).map_err(candle_core::Error::wrap)
@@ -340,7 +364,7 @@ impl Mergeable for LoraLinear {
             return Ok(());
         };
         let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, 1.0, name)?);
+        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, 1.0, false, name)?);
         self.merged = true;
         Ok(())
     }
@@ -353,7 +377,7 @@ impl Mergeable for LoraLinear {
             return Ok(());
         };
         let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, -1.0, name)?);
+        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, -1.0, true, name)?);
         self.merged = false;
         Ok(())
     }

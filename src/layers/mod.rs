@@ -13,7 +13,7 @@ mod linear;
 pub use conv::{Conv2dGeometry, LoraConv2d};
 pub use embedding::LoraEmbedding;
 pub use init::{kaiming_uniform, normal, LoraRng};
-pub use linear::{LinearGrads, LoraLinear};
+pub use linear::{with_low_rank_reference, LinearGrads, LoraLinear};
 
 use candle_core::{DType, Tensor, Var};
 
@@ -90,9 +90,27 @@ pub trait Mergeable {
 }
 
 /// `W ± delta`, computed in f32 and cast back to `w`'s dtype; errors on a non-finite result.
-pub(crate) fn apply_delta(w: &Tensor, delta: &Tensor, sign: f64, name: &str) -> Result<Tensor> {
+///
+/// The rounding is PEFT's (`tuners/lora/layer.py`): Linear and Conv `merge` add the f32 ΔW in
+/// place (`weight.data += delta_weight`: summed in f32, rounded once to the base dtype), while
+/// their `unmerge` and Embedding's `merge` and `unmerge` first cast ΔW to the base dtype
+/// (`delta_weight.to(orig_dtype)`). Callers say which with `round_delta_first`; for an f32 base
+/// the two are the same.
+pub(crate) fn apply_delta(
+    w: &Tensor,
+    delta: &Tensor,
+    sign: f64,
+    round_delta_first: bool,
+    name: &str,
+) -> Result<Tensor> {
     let w32 = w.to_dtype(DType::F32)?;
-    let out = (w32 + (delta.to_dtype(DType::F32)? * sign)?)?;
+    let delta = (delta.to_dtype(DType::F32)? * sign)?;
+    let delta = if round_delta_first {
+        delta.to_dtype(w.dtype())?.to_dtype(DType::F32)?
+    } else {
+        delta
+    };
+    let out = (w32 + delta)?;
     check_finite(&out, name, if sign > 0.0 { "merge" } else { "unmerge" })?;
     Ok(out.to_dtype(w.dtype())?)
 }

@@ -24,9 +24,11 @@
 //! optional window (`use_sliding_window`, off in released models) is refused by the config.
 //!
 //! Tied embeddings (`tie_word_embeddings` and no `lm_head.weight` in the checkpoint): the output
-//! head is `x·Eᵀ` with `E` the embedding table as it currently is, so it is not a LoRA-able
-//! module; when `embed_tokens` has an adapter and is merged, the head sees the merged table, as
-//! PEFT's shared parameter does.
+//! head is `x·Eᵀ` with `E` the embedding table as it currently is; when `embed_tokens` has an
+//! adapter and is merged, the head sees the merged table, as PEFT's shared parameter does. A
+//! config that targets `lm_head` gets LoRA on the head over the shared table, as PEFT wraps it
+//! (`y = x·Eᵀ + s·(x·Aᵀ)·Bᵀ`); merging that head is refused, since PEFT's merge adds its ΔW to
+//! the shared table and so changes the embeddings too.
 //!
 //! Inference with a KV cache: [`Llama::forward_with_cache`] appends to a [`Cache`] and gives the
 //! same logits as the full forward.
@@ -434,8 +436,10 @@ pub struct Llama {
     embed: LoraEmbedding,
     layers: Vec<Block>,
     norm: RmsNorm,
-    /// `None` when the head is tied to `embed_tokens`.
+    /// `None` when the head is tied to `embed_tokens` (and not targeted).
     lm_head: Option<LoraLinear>,
+    /// The head is an adapted linear over the tied embedding table.
+    tied_lora_head: bool,
     rope: Rope,
     window: Option<usize>,
     vb: LoraBuilder,
@@ -467,7 +471,10 @@ impl Llama {
             m.pp("norm").tensor("weight", &[cfg.hidden_size])?,
             cfg.rms_norm_eps,
         );
-        let lm_head = Self::load_head(cfg, vb)?;
+        let lm_head = Self::load_head(cfg, vb, &embed)?;
+        let tied_lora_head = cfg.tie_word_embeddings
+            && lm_head.as_ref().is_some_and(|h| h.lora().is_some())
+            && !vb.has_tensor("lm_head.weight");
         vb.finish()?;
         Ok(Llama {
             cfg: cfg.clone(),
@@ -475,14 +482,22 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            tied_lora_head,
             rope: Rope::new(&cfg.rope()?, cfg.head_dim()),
             window: cfg.attention_window(),
             vb: vb.clone(),
         })
     }
 
-    /// `lm_head`, or `None` when tied and the checkpoint has no `lm_head.weight`.
-    fn load_head(cfg: &LlamaConfig, vb: &LoraBuilder) -> Result<Option<LoraLinear>> {
+    /// `lm_head`, or `None` when tied, the checkpoint has no `lm_head.weight` and the config
+    /// does not target `lm_head`. A targeted tied head is a LoRA linear over the embedding table,
+    /// as PEFT wraps it (`tuners/lora/model.py` `_create_and_replace`: the tied `nn.Linear` gets
+    /// a `lora.Linear` whose base weight is the shared parameter).
+    fn load_head(
+        cfg: &LlamaConfig,
+        vb: &LoraBuilder,
+        embed: &LoraEmbedding,
+    ) -> Result<Option<LoraLinear>> {
         let head = vb
             .pp("lm_head")
             .linear(cfg.hidden_size, cfg.vocab_size, false);
@@ -490,7 +505,32 @@ impl Llama {
             Err(Error::MissingTensor { key, .. })
                 if cfg.tie_word_embeddings && key == "lm_head.weight" =>
             {
-                Ok(None)
+                let Some(lora) = vb.config() else {
+                    return Ok(None);
+                };
+                if !lora.is_target("lm_head", crate::config::ModuleKind::Linear)? {
+                    return Ok(None);
+                }
+                if lora.extra.get("ensure_weight_tying") == Some(&serde_json::Value::Bool(true)) {
+                    return Err(Error::UnsupportedFeature {
+                        feature: "ensure_weight_tying".into(),
+                        detail: "ensure_weight_tying: true ties the LoRA weights of lm_head and \
+                                 embed_tokens (PEFT's target_modules_to_tie)"
+                            .into(),
+                    });
+                }
+                if embed.lora().is_some() {
+                    return Err(Error::UnsupportedFeature {
+                        feature: "target_modules".into(),
+                        detail: "embed_tokens and lm_head both targeted on a model with \
+                                 tie_word_embeddings (PEFT warns that the shared weight makes \
+                                 this ill-defined)"
+                            .into(),
+                    });
+                }
+                vb.pp("lm_head")
+                    .tied_linear(embed.table().clone())
+                    .map(Some)
             }
             other => other.map(Some),
         }
@@ -547,7 +587,16 @@ impl Llama {
     }
 
     /// Folds every adapter into its frozen weight (faster inference; training then errors).
+    /// Refused for an adapted head tied to the embeddings (see the module doc).
     pub fn merge_adapters(&mut self) -> Result<()> {
+        if self.tied_lora_head {
+            return Err(Error::UnsupportedFeature {
+                feature: "merge".into(),
+                detail: "lm_head has an adapter and is tied to embed_tokens: PEFT's merge adds \
+                         its update to the shared table, changing the embeddings too"
+                    .into(),
+            });
+        }
         self.mergeables_mut()
             .into_iter()
             .try_for_each(|m| m.merge())

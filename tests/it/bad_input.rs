@@ -271,3 +271,49 @@ fn empty_adapter_tensors_are_refused_by_name() {
     let e = s.merge_default_fails();
     assert!(e.contains(&key) && e.contains("empty"), "{e}");
 }
+
+#[test]
+fn tensors_of_untargeted_modules_are_left_out_with_a_warning_or_refused_with_strict() {
+    // Issue 13 item 2: PEFT loads only the modules its config targets, after
+    // layers_to_transform; the TinyNet file holds blocks.0 and blocks.1.
+    let s = Scratch::new();
+    s.edit_config(|v| {
+        v["layers_to_transform"] = serde_json::json!([0]);
+        v["layers_pattern"] = serde_json::json!("blocks");
+    });
+    let merge = |strict: bool, out: &str| {
+        let mut c = Command::new(lora_bin());
+        c.arg("merge")
+            .arg("--base")
+            .arg(s.path("base.safetensors"))
+            .arg("--adapter")
+            .arg(s.path("adapter"))
+            .arg("--out")
+            .arg(s.path(out));
+        if strict {
+            c.arg("--strict");
+        }
+        c.output().unwrap()
+    };
+    let o = merge(true, "strict.safetensors");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !s.path("strict.safetensors").exists());
+    assert!(
+        err.contains("--strict") && err.contains("blocks.1.q.lora_A.weight"),
+        "{err}"
+    );
+    let o = merge(false, "out.safetensors");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.starts_with("warning: ") && err.contains("blocks.1.v.lora_B.weight"),
+        "{err}"
+    );
+    assert!(!err.contains("blocks.0."), "{err}");
+    let base = lora::tensor_file::SafeFile::open(&s.path("base.safetensors")).unwrap();
+    let out = lora::tensor_file::SafeFile::open(&s.path("out.safetensors")).unwrap();
+    for (k, changed) in [("blocks.0.q.weight", true), ("blocks.1.q.weight", false)] {
+        let same = base.bytes(k).unwrap() == out.bytes(k).unwrap();
+        assert_eq!(same, !changed, "{k}");
+    }
+}

@@ -44,6 +44,7 @@ fn setup(dir: &std::path::Path) {
     let adapter = Adapter {
         config: LoraConfig::new(8, 16.0, &["proj"]),
         modules,
+        ..Default::default()
     };
     adapter.save(&dir.join("adapter")).unwrap();
 }

@@ -438,3 +438,51 @@ fn generate_without_tokenizer_json_names_the_missing_file() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// Issue 13 items 1 and 4, against PEFT (`tests/fixtures/llama_tied_head/make.py`): a tiny Llama
+/// with `tie_word_embeddings` and a config targeting `lm_head` and `q_proj`. PEFT wraps the tied
+/// head (base weight: the shared table) and saves `lm_head.base_layer.weight`
+/// (`save_embedding_layers="auto"`); logits to 1e-4.
+#[test]
+fn tied_head_gets_lora_as_peft_and_the_embedding_copy_is_read_and_written() {
+    let d = fixture("llama_tied_head");
+    let cfg = LlamaConfig::from_dir(&d.join("base")).unwrap();
+    assert!(cfg.tie_word_embeddings);
+    let adapter = Adapter::load(&d.join("adapter"), &Device::Cpu).unwrap();
+    assert_eq!(adapter.base_layers.keys().collect::<Vec<_>>(), ["lm_head"]);
+    let vb = LoraBuilder::new(
+        Checkpoint::open(&d.join("base")).unwrap(),
+        DType::F32,
+        Device::Cpu,
+    )
+    .with_adapter(adapter)
+    .unwrap();
+    let mut model = Llama::load(&cfg, &vb).unwrap();
+    assert!(vb.adapted_modules().contains(&"lm_head".to_string()));
+    let io = SafeFile::open(&d.join("io.safetensors")).unwrap();
+    let ids = io
+        .tensor("input_ids", &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap();
+    let want = io.tensor("lora_logits", &Device::Cpu).unwrap();
+    let got = model.forward_t(&ids, false).unwrap();
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "logits vs PEFT: {diff}");
+    // What the builder saves has PEFT's keys, the embedding copy included.
+    let out = tempfile::tempdir().unwrap();
+    vb.adapter().unwrap().save(out.path()).unwrap();
+    let ours = SafeFile::open(&out.path().join("adapter_model.safetensors")).unwrap();
+    let theirs = SafeFile::open(&d.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(ours.names(), theirs.names());
+    assert_eq!(
+        ours.bytes("base_model.model.lm_head.base_layer.weight")
+            .unwrap(),
+        theirs
+            .bytes("base_model.model.lm_head.base_layer.weight")
+            .unwrap()
+    );
+    // Merging would change the shared table in PEFT: refused.
+    let e = model.merge_adapters().unwrap_err().to_string();
+    assert!(e.contains("tied") && e.contains("lm_head"), "{e}");
+}

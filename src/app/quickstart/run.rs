@@ -96,7 +96,8 @@ pub struct QuickstartReport {
     pub full_ft_trainable_params: usize,
     /// Parameters of the base model.
     pub total_params: usize,
-    /// max |merged logits − unmerged logits| on a held-out batch.
+    /// max |merged-weight logits − explicit low-rank logits| on a held-out batch: the merged
+    /// model (`x·(W0 + s·B·A)ᵀ`) against the unmerged one computing `x·W0ᵀ + s·(x·Aᵀ)·Bᵀ`.
     pub merge_max_abs_diff: f32,
     /// Median forward time of the base on a held-out batch, ms.
     pub base_forward_ms: f64,
@@ -236,7 +237,9 @@ pub fn run(
 
     progress(Progress::Phase("merging the adapter for deployment"));
     let batch = prompt_batch(&tok, &held_ex, &dev)?;
-    let unmerged = model.forward_t(&batch, false)?;
+    // The unmerged model in the explicit low-rank form x·W0ᵀ + s·(x·Aᵀ)·Bᵀ: at this batch size
+    // the fast path would build W0 + s·B·A itself, the same computation as the merged model.
+    let unmerged = crate::layers::with_low_rank_reference(|| model.forward_t(&batch, false))?;
     model.merge_adapters()?;
     let merged = model.forward_t(&batch, false)?;
     let merge_max_abs_diff = (merged - unmerged)?

@@ -250,7 +250,11 @@ impl Adapter {
                 t.to_dtype(DType::F32)?,
             );
         }
-        tensor_file::save(&dir.join(WEIGHTS_FILE), &tensors, &tensor_file::pt_metadata())?;
+        tensor_file::save(
+            &dir.join(WEIGHTS_FILE),
+            &tensors,
+            &tensor_file::pt_metadata(),
+        )?;
         let mut cfg = self.config.clone();
         cfg.inference_mode = true;
         fill_peft_fields(&mut cfg);

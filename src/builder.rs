@@ -32,10 +32,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{Adapter, ModuleAdapter};
-use crate::model_weights::Checkpoint;
 use crate::config::{Bias, LoraConfig, ModuleKind, TargetModules};
 use crate::error::{Error, Result};
 use crate::layers::{Conv2dGeometry, LoraConv2d, LoraEmbedding, LoraLinear, LoraRng, LoraSpec};
+use crate::model_weights::Checkpoint;
 
 /// Where frozen base tensors come from.
 pub trait TensorSource: Send + Sync {

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::Adapter;
-use crate::model_weights::{Checkpoint, INDEX_FILE, MODEL_FILE};
 use crate::config::ModuleKind;
 use crate::error::{Error, Result};
 use crate::layers::apply_delta;
+use crate::model_weights::{Checkpoint, INDEX_FILE, MODEL_FILE};
 use crate::tensor_file::{self, Entry};
 
 /// Whether to add or subtract the adapter's update.

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod kernels;
 pub mod keys;
 pub mod layers;
 pub mod merge;

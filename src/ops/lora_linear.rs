@@ -28,7 +28,7 @@
 //! The backward's four skinny products (`xa` when not saved, `g`, `dB`, `dA`) run in one pass
 //! over the rows: each thread takes its share of the rows in blocks, and all four read the
 //! block's rows of `x⊙m` and `dy` while they are in cache, instead of four passes over `x` and
-//! `dy` from memory; with AVX-512 and `dy`'s columns contiguous they are `ops::skinny`'s
+//! `dy` from memory; with `dy`'s columns contiguous they are `kernels::skinny`'s
 //! kernels (the gemm crate ran them at ~27 GFLOPS for r = 8), else the gemm crate. `dX` is one
 //! full-size GEMM. Large outputs are written by their GEMM without a zero fill first.
 //!

@@ -26,12 +26,13 @@
 //! product), in both directions: one GEMM instead of the base GEMM plus two skinny ones (the
 //! adapter itself stays unmerged). Attention keeps `P` (`[b, heads, t, t]`), reads the heads of
 //! the token-major projections through strides, writes each head's outputs and gradients into
-//! the token-major buffers in place, and skips the key blocks a query block cannot see; its
-//! per-head products run in `ops::tile_mm`'s AVX-512 register tiles where available (12-row
-//! query blocks), else through the GEMM (64-row blocks). Large products go through `ops::gemm` (split between threads by columns, else rows, one
+//! the token-major buffers in place, and skips the key blocks a query block cannot see
+//! (`kernels::attention`, per-head products in `kernels::tile_mm`'s register tiles). Large
+//! products go through `kernels::gemm` (split between threads by columns, else rows, one
 //! serial GEMM per thread) and write fresh outputs without a zero fill; the adapters' rank-r
-//! products use `ops::skinny`'s AVX-512 kernels where available; element-wise kernels run row
-//! chunks on rayon's pool with the vectorised `exp` and reductions of `ops::vecmath`.
+//! products use `kernels::skinny`; norms, RoPE, SwiGLU and cross-entropy are
+//! `kernels::{norm, rope, activation, softmax}`. Every kernel runs on the instruction set
+//! [`Isa::current`] gives at the start of the step (AVX-512, AVX2+FMA or portable).
 //!
 //! With [`FusedOptions::gradient_checkpointing`] the forward keeps only each layer's input
 //! (and its dropout masks) and the backward runs that layer's forward again before its

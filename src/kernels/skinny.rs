@@ -28,6 +28,18 @@ use super::isa::{dispatch, Isa};
 /// Most rows of the small operand handled per pass.
 const RG: usize = 8;
 
+/// `a·b + c`: one FMA on the x86 targets; a product and a sum on the portable one, whose
+/// token (`pulp::Scalar128b`, the only 4-lane token [`dispatch`] uses) implements `mul_add` as
+/// a per-lane `fmaf` call, a libm call without hardware FMA (10× slower, measured).
+#[inline(always)]
+pub(super) fn madd<S: Simd>(simd: S, a: S::f32s, b: S::f32s, c: S::f32s) -> S::f32s {
+    if S::F32_LANES == 4 {
+        simd.add_f32s(simd.mul_f32s(a, b), c)
+    } else {
+        simd.mul_add_e_f32s(a, b, c)
+    }
+}
+
 /// `n.min(lanes)` values at `p` as a vector, the rest 0.
 ///
 /// # Safety
@@ -180,8 +192,8 @@ unsafe fn dots_rows<S: Simd, const R: usize>(
             let x1 = load(simd, v1.add(p), n);
             for j in 0..R {
                 let wv = load(simd, wp.add(j * w_rs + p), n);
-                a0[j] = simd.mul_add_e_f32s(x0, wv, a0[j]);
-                a1[j] = simd.mul_add_e_f32s(x1, wv, a1[j]);
+                a0[j] = madd(simd, x0, wv, a0[j]);
+                a1[j] = madd(simd, x1, wv, a1[j]);
             }
             p += S::F32_LANES;
         }
@@ -338,9 +350,9 @@ unsafe fn update_block<S: Simd, const R: usize>(simd: S, b: &Block) {
             };
             for (j, tj) in t.iter_mut().enumerate() {
                 let uj = simd.splat_f32s(*up.add(i * b.u_rs + j));
-                tj[0] = simd.mul_add_e_f32s(uj, x0, tj[0]);
-                tj[1] = simd.mul_add_e_f32s(uj, x1, tj[1]);
-                tj[2] = simd.mul_add_e_f32s(uj, x2, tj[2]);
+                tj[0] = madd(simd, uj, x0, tj[0]);
+                tj[1] = madd(simd, uj, x1, tj[1]);
+                tj[2] = madd(simd, uj, x2, tj[2]);
             }
         }
         let s = simd.splat_f32s(b.scale);
@@ -351,7 +363,7 @@ unsafe fn update_block<S: Simd, const R: usize>(simd: S, b: &Block) {
                 }
                 let d = b.acc.add(j * b.acc_rs + q * l);
                 let old = load(simd, d, n[q]);
-                store(simd, d, n[q], simd.mul_add_e_f32s(tq, s, old));
+                store(simd, d, n[q], madd(simd, tq, s, old));
             }
         }
     }
@@ -420,7 +432,7 @@ pub(crate) fn plus_low_rank(
                             let mut acc = load(simd, src.add(c), n);
                             for (j, &cj) in coef.iter().enumerate().take(rj) {
                                 let av = load(simd, a.as_ptr().add((j0 + j) * inp + c), n);
-                                acc = simd.mul_add_e_f32s(cj, av, acc);
+                                acc = madd(simd, cj, av, acc);
                             }
                             store(simd, d.add(c), n, acc);
                             c += S::F32_LANES;

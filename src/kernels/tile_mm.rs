@@ -28,7 +28,7 @@
 use pulp::{Simd, WithSimd};
 
 use super::isa::{dispatch, vectorised, Isa};
-use super::skinny::{load, store};
+use super::skinny::{load, madd, store};
 
 /// Most vectors of `c` per register tile.
 const CV: usize = 4;
@@ -186,7 +186,7 @@ unsafe fn tile<S: Simd, const R: usize, const V: usize>(
             for (r, acc) in accs.iter_mut().enumerate() {
                 let av = simd.splat_f32s(*ap.add(r * o.a_rs));
                 for v in 0..V {
-                    acc[v] = simd.mul_add_e_f32s(av, yv[v], acc[v]);
+                    acc[v] = madd(simd, av, yv[v], acc[v]);
                 }
             }
         }
@@ -196,7 +196,7 @@ unsafe fn tile<S: Simd, const R: usize, const V: usize>(
             for v in 0..V {
                 let dst = crow.add(l * v);
                 let out = if o.acc {
-                    simd.mul_add_e_f32s(acc[v], s, load(simd, dst, widths[v]))
+                    madd(simd, acc[v], s, load(simd, dst, widths[v]))
                 } else {
                     simd.mul_f32s(acc[v], s)
                 };

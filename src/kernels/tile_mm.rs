@@ -176,11 +176,20 @@ unsafe fn tile<S: Simd, const R: usize, const V: usize>(
         let mut accs = [[zero; V]; R];
         let a0 = o.a.add(i0 * o.a_rs);
         let y0 = o.y.add(j0);
+        // The column masks once per tile, not once per load.
+        let full: [bool; V] = std::array::from_fn(|v| widths[v] >= l);
+        let masks: [pulp::MemMask<S::m32s>; V] =
+            std::array::from_fn(|v| simd.mask_between_m32s(0, widths[v].min(l) as u32));
         for p in 0..o.k {
             let yrow = y0.add(p * o.y_rs);
             let mut yv = [zero; V];
             for (v, yv) in yv.iter_mut().enumerate() {
-                *yv = load(simd, yrow.add(l * v), widths[v]);
+                let at = yrow.add(l * v);
+                *yv = if full[v] {
+                    at.cast::<S::f32s>().read_unaligned()
+                } else {
+                    simd.mask_load_ptr_f32s(masks[v], at)
+                };
             }
             let ap = a0.add(p * o.a_cs);
             for (r, acc) in accs.iter_mut().enumerate() {

@@ -12,6 +12,7 @@ pub mod app;
 pub mod builder;
 pub mod config;
 pub mod error;
+pub mod kernels;
 pub mod keys;
 pub mod layers;
 pub mod merge;

@@ -339,6 +339,21 @@ pub fn llama_bench(
     })
 }
 
+/// The `cpu` key of `lora bench --json`: `{"model": <CPU model name>, "isa": <kernel target>}`,
+/// the model from `/proc/cpuinfo` (`"unknown"` where that is unavailable) and the target the
+/// kernels run on ([`crate::kernels::Isa::current`]: `avx512`, `avx2` or `portable`).
+pub fn cpu_info() -> serde_json::Value {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    serde_json::json!({ "model": model, "isa": crate::kernels::Isa::current().name() })
+}
+
 /// The process's peak resident set size in MiB (`getrusage(RUSAGE_SELF).ru_maxrss`, which
 /// Linux reports in KiB), as the baseline's `peak_rss_mib`; `None` where unavailable.
 pub fn peak_rss_mib() -> Option<f64> {

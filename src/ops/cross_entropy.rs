@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! x: [R, V] logits, rows r_k and targets y_k (k < N)
-//! forward   lse_k = log Σ_v exp(x[r_k, v])                 (max-shifted; saved for backward)
+//! forward   lse_k = log Σ_v exp(x[r_k, v])                 (max-shifted)
 //!           L     = Σ_k (lse_k − x[r_k, y_k])             a scalar
 //! backward  dx[r_k, v] = dL · (exp(x[r_k, v] − lse_k) − [v = y_k]);  other rows 0
 //! ```
@@ -10,14 +10,15 @@
 //! Saves: the composed path copies the predicted rows out (`index_select`), then runs `max`,
 //! `−max`, `exp`, `sum`, `log`, `−lse` and `gather` over `[N, V]`, and in backward about as
 //! many passes plus a scatter back into a zero `[R, V]`; this op reads the logits once forward
-//! and writes the gradient once, row-parallel on rayon, without the `[N, V]` copies.
-
-use std::sync::Mutex;
+//! and writes the gradient once (`kernels::softmax`), row-parallel on rayon, without the
+//! `[N, V]` copies.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::lora_linear::{f32_slice, with_data};
+use crate::kernels::softmax::{cross_entropy_inplace, log_sum_exp_rows};
+use crate::kernels::Isa;
 
 /// `Σ_k −log softmax(x[rows[k]])[targets[k]]`; rows must be distinct and in range (the caller
 /// checks labels first).
@@ -26,24 +27,12 @@ pub(crate) struct CrossEntropyOp {
     pub rows: Vec<u32>,
     /// Its target class.
     pub targets: Vec<u32>,
-    /// `lse_k`, saved by the forward.
-    pub saved_lse: Mutex<Option<Vec<f32>>>,
 }
 
 impl CrossEntropyOp {
     pub(crate) fn new(rows: Vec<u32>, targets: Vec<u32>) -> Self {
-        CrossEntropyOp {
-            rows,
-            targets,
-            saved_lse: Mutex::new(None),
-        }
+        CrossEntropyOp { rows, targets }
     }
-}
-
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = row.iter().map(|x| (x - max).exp()).sum();
-    max + s.ln()
 }
 
 impl CustomOp1 for CrossEntropyOp {
@@ -62,18 +51,13 @@ impl CustomOp1 for CrossEntropyOp {
         {
             candle_core::bail!("cross-entropy: row/target {bad:?} outside [{r}, {v}]");
         }
-        let lse: Vec<f32> = self
-            .rows
-            .par_iter()
-            .map(|&i| log_sum_exp(&x[i as usize * v..(i as usize + 1) * v]))
-            .collect();
+        let lse = log_sum_exp_rows(Isa::current(), x, v, &self.rows);
         let sum: f64 = lse
             .iter()
             .zip(&self.rows)
             .zip(&self.targets)
             .map(|((l, &i), &t)| (l - x[i as usize * v + t as usize]) as f64)
             .sum();
-        *self.saved_lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(vec![sum as f32]), Shape::from(())))
     }
 
@@ -81,36 +65,18 @@ impl CustomOp1 for CrossEntropyOp {
         let (r, v) = x.dims2()?;
         let g = dl.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         let x = x.contiguous()?;
-        let saved = self
-            .saved_lse
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut slot = vec![u32::MAX; r];
-        for (k, &i) in self.rows.iter().enumerate() {
-            slot[i as usize] = k as u32;
+        let mut targets = vec![None; r];
+        for (&i, &t) in self.rows.iter().zip(&self.targets) {
+            targets[i as usize] = Some(t);
         }
+        let isa = Isa::current();
         let dx = with_data(&x, "logits", |xs| {
-            let lse = saved.unwrap_or_else(|| {
-                self.rows
-                    .iter()
-                    .map(|&i| log_sum_exp(&xs[i as usize * v..(i as usize + 1) * v]))
-                    .collect()
-            });
-            let mut dx = vec![0f32; r * v];
-            dx.par_chunks_mut(v)
-                .zip(xs.par_chunks(v))
-                .zip(slot.par_iter())
-                .for_each(|((d, x), &k)| {
-                    if k == u32::MAX {
-                        return;
-                    }
-                    let l = lse[k as usize];
-                    for (d, x) in d.iter_mut().zip(x) {
-                        *d = g * (x - l).exp();
-                    }
-                    d[self.targets[k as usize] as usize] -= g;
-                });
+            // The kernel turns the logits into `softmax − onehot` (0 in rows without a target).
+            let mut dx = xs.to_vec();
+            cross_entropy_inplace(isa, &mut dx, v, &targets);
+            if g != 1.0 {
+                dx.par_iter_mut().for_each(|d| *d *= g);
+            }
             Ok(dx)
         })?;
         Ok(Some(Tensor::from_vec(dx, (r, v), x.device())?))

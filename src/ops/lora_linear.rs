@@ -28,7 +28,7 @@
 //! The backward's four skinny products (`xa` when not saved, `g`, `dB`, `dA`) run in one pass
 //! over the rows: each thread takes its share of the rows in blocks, and all four read the
 //! block's rows of `x⊙m` and `dy` while they are in cache, instead of four passes over `x` and
-//! `dy` from memory; with AVX-512 and `dy`'s columns contiguous they are `ops::skinny`'s
+//! `dy` from memory; with `dy`'s columns contiguous they are `kernels::skinny`'s
 //! kernels (the gemm crate ran them at ~27 GFLOPS for r = 8), else the gemm crate. `dX` is one
 //! full-size GEMM. Large outputs are written by their GEMM without a zero fill first.
 //!
@@ -42,8 +42,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{gemm_f32, gemm_f32_bias_new, gemm_f32_new, gemm_f32_serial};
-use super::skinny;
+use crate::kernels::gemm::{gemm_f32, gemm_f32_bias_new, gemm_f32_new, gemm_f32_serial};
+use crate::kernels::{skinny, Isa};
 
 /// Rows of `x⊙m` made at a time when dropout is on.
 const MASK_CHUNK: usize = 256;
@@ -180,14 +180,17 @@ fn linear_forward(
 /// `W' = W0 + s·B·A` `[out, in]`, a new buffer; `a` `[r, in]`, `b` `[out, r]`.
 fn merged_weight(w0: &Tensor, a: &[f32], b: &[f32], s: f32) -> candle_core::Result<Vec<f32>> {
     let (out, inp) = w0.dims2()?;
-    with_data(w0, "W0", |w| Ok(merged_weight_of(w, a, b, s, out, inp)))
+    let isa = Isa::current();
+    with_data(w0, "W0", |w| {
+        Ok(merged_weight_of(isa, w, a, b, s, out, inp))
+    })
 }
 
 /// `W0 + s·B·A` (`[out, in]`, row-major) for `W0: [out, in]`, `A: [r, in]`, `B: [out, r]`: each
 /// thread builds its own rows (the gemm crate's threading cost 3× more than the work here, 352
-/// vs 107 µs at 512 × 768, r 8), in one pass over `W0` with AVX-512 (`skinny::plus_low_rank`),
-/// else as a copy plus a serial `k = r` product.
+/// vs 107 µs at 512 × 768, r 8), in one pass over `W0` (`skinny::plus_low_rank` on `isa`).
 pub(crate) fn merged_weight_of(
+    isa: Isa,
     w0: &[f32],
     a: &[f32],
     b: &[f32],
@@ -201,26 +204,24 @@ pub(crate) fn merged_weight_of(
     }
     let threads = candle_core::utils::get_num_threads().max(1);
     let rows = out.div_ceil(threads);
-    if skinny::available() {
-        // One pass over W0 per thread, into a buffer nothing has written yet.
-        let mut w = Vec::with_capacity(out * inp);
-        w.spare_capacity_mut()[..out * inp]
-            .par_chunks_mut(rows * inp)
-            .zip(w0[..out * inp].par_chunks(rows * inp))
-            .zip(b[..out * r].par_chunks(rows * r))
-            .for_each(|((d, w0), b)| {
-                skinny::plus_low_rank(w0, b, a, s, (d.len() / inp, inp, r), d);
-            });
-        // SAFETY: the chunks cover all out·inp elements and plus_low_rank writes every
-        // element of its chunk.
-        unsafe { w.set_len(out * inp) };
-        return w;
-    }
-    merged_weight_by_gemm(w0, a, b, s, (out, inp, r), rows)
+    // One pass over W0 per thread, into a buffer nothing has written yet.
+    let mut w = Vec::with_capacity(out * inp);
+    w.spare_capacity_mut()[..out * inp]
+        .par_chunks_mut(rows * inp)
+        .zip(w0[..out * inp].par_chunks(rows * inp))
+        .zip(b[..out * r].par_chunks(rows * r))
+        .for_each(|((d, w0), b)| {
+            skinny::plus_low_rank(isa, w0, b, a, s, (d.len() / inp, inp, r), d);
+        });
+    // SAFETY: the chunks cover all out·inp elements and plus_low_rank writes every element of
+    // its chunk.
+    unsafe { w.set_len(out * inp) };
+    w
 }
 
-/// [`merged_weight_of`] without AVX-512: each thread copies its `rows` rows of `W0`, then a
-/// serial `k = r` product adds their update.
+/// [`merged_weight_of`] by the GEMM (the reference it is tested against): each thread copies
+/// its `rows` rows of `W0`, then a serial `k = r` product adds their update.
+#[cfg(test)]
 fn merged_weight_by_gemm(
     w0: &[f32],
     a: &[f32],
@@ -345,7 +346,8 @@ impl LoraLinearOp {
         let rows_per = n.div_ceil(threads.min(n.div_ceil(BWD_BLOCK)));
         // The skinny-product kernels need dy's columns contiguous; they keep dB transposed
         // (`[r, out]`) and read `Bᵀ` (`[r, out]`).
-        let fast = cs == 1 && skinny::available();
+        let fast = cs == 1;
+        let isa = Isa::current();
         let bt: Vec<f32> = if fast {
             (0..r * out).map(|q| b[(q % out) * r + q / out]).collect()
         } else {
@@ -365,7 +367,7 @@ impl LoraLinearOp {
                     let dy_b = &dy[row0 * rs..];
                     let g_b = &mut g_part[b0 * r..(b0 + m) * r];
                     if fast {
-                        skinny::dots((m, r, out), dy_b, rs, &bt, out, 1.0, g_b);
+                        skinny::dots(isa, (m, r, out), dy_b, rs, &bt, out, 1.0, g_b);
                     } else {
                         gemm_f32_serial(m, r, out, g_b, false, dy_b, (rs, cs), b, (r, 1), 1.0);
                     }
@@ -382,7 +384,7 @@ impl LoraLinearOp {
                                 // xa = s·xd·Aᵀ: rhs element (k, j) = a[j·in + k]
                                 let xa = &mut xa_buf[..m * r];
                                 if fast {
-                                    skinny::dots((m, r, inp), xd, inp, a, inp, s, xa);
+                                    skinny::dots(isa, (m, r, inp), xd, inp, a, inp, s, xa);
                                 } else {
                                     gemm_f32_serial(
                                         m,
@@ -402,7 +404,17 @@ impl LoraLinearOp {
                         };
                         if fast {
                             // dBᵀ += xaᵀ·dy
-                            skinny::rank_update((m, r, out), xa, r, dy_b, rs, 1.0, &mut db, out);
+                            skinny::rank_update(
+                                isa,
+                                (m, r, out),
+                                xa,
+                                r,
+                                dy_b,
+                                rs,
+                                1.0,
+                                &mut db,
+                                out,
+                            );
                         } else {
                             // dB += dyᵀ·xa: lhs element (o, k) = dy_b[k·rs + o·cs]
                             gemm_f32_serial(
@@ -422,7 +434,7 @@ impl LoraLinearOp {
                     if need_da {
                         // dA += s·gᵀ·xd: lhs element (j, k) = g_b[k·r + j]
                         if fast {
-                            skinny::rank_update((m, r, inp), g_b, r, xd, inp, s, &mut da, inp);
+                            skinny::rank_update(isa, (m, r, inp), g_b, r, xd, inp, s, &mut da, inp);
                         } else {
                             gemm_f32_serial(r, inp, m, &mut da, true, g_b, (1, r), xd, (inp, 1), s);
                         }
@@ -703,17 +715,19 @@ mod tests {
         let (out, inp, r) = (7, 5, 3);
         let f = |len: usize, k: f32| (0..len).map(|i| (i as f32 * k).sin()).collect::<Vec<_>>();
         let (w0, a, b) = (f(out * inp, 0.7), f(r * inp, 1.3), f(out * r, 2.1));
-        let w = merged_weight_of(&w0, &a, &b, 0.5, out, inp);
-        let by_gemm = merged_weight_by_gemm(&w0, &a, &b, 0.5, (out, inp, r), 4);
-        for o in 0..out {
-            for c in 0..inp {
-                let want = w0[o * inp + c]
-                    + 0.5 * (0..r).map(|j| b[o * r + j] * a[j * inp + c]).sum::<f32>();
-                assert!((w[o * inp + c] - want).abs() < 1e-6, "({o},{c})");
-                assert!(
-                    (by_gemm[o * inp + c] - want).abs() < 1e-6,
-                    "gemm path ({o},{c})"
-                );
+        for isa in Isa::supported() {
+            let w = merged_weight_of(isa, &w0, &a, &b, 0.5, out, inp);
+            let by_gemm = merged_weight_by_gemm(&w0, &a, &b, 0.5, (out, inp, r), 4);
+            for o in 0..out {
+                for c in 0..inp {
+                    let want = w0[o * inp + c]
+                        + 0.5 * (0..r).map(|j| b[o * r + j] * a[j * inp + c]).sum::<f32>();
+                    assert!((w[o * inp + c] - want).abs() < 1e-6, "({o},{c})");
+                    assert!(
+                        (by_gemm[o * inp + c] - want).abs() < 1e-6,
+                        "gemm path ({o},{c})"
+                    );
+                }
             }
         }
     }

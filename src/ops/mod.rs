@@ -1,17 +1,15 @@
 //! Fused ops with their own backward, used where a profile showed candle's generic autograd to
-//! be the bottleneck. Each is tested against the plain tensor path (values and gradients).
-//! All are CPU/f32 kernels; callers fall back to the composed tensor path elsewhere.
+//! be the bottleneck: candle `CustomOp` wrappers around the slice-level kernels of
+//! [`crate::kernels`] (which hold the math). Each is tested against the plain tensor path
+//! (values and gradients). All run on CPU/f32 data; callers fall back to the composed tensor
+//! path elsewhere.
 
 mod cross_entropy;
-pub(crate) mod gemm;
 mod lora_linear;
 mod rms_norm;
 mod rope;
-pub(crate) mod skinny;
 mod softmax;
 mod swiglu;
-pub(crate) mod tile_mm;
-pub(crate) mod vecmath;
 
 pub(crate) use cross_entropy::CrossEntropyOp;
 #[cfg(test)]

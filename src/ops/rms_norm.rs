@@ -11,14 +11,14 @@
 //! Saves: the composed candle path runs 7 ops forward (`sqr`, `mean`, `+ε`, `sqrt`, `recip`,
 //! two broadcast products, each a full pass and a fresh buffer) and about twice as many in
 //! backward, each gradient accumulated through a zero tensor; this op makes one pass forward
-//! and one backward, row-parallel on rayon. (candle-nn's fused `rms_norm` has no backward.)
+//! and one backward (`kernels::norm`). (candle-nn's fused `rms_norm` has no backward.)
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
-
 use super::lora_linear::{f32_slice, with_data};
+use crate::kernels::norm::{rms_norm_backward, rms_norm_forward, rms_norm_weight_grad};
+use crate::kernels::Isa;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 /// `y = w ⊙ x / √(mean(x²) + ε)` over the last dim; build one per forward call.
 pub(crate) struct RmsNormOp {
@@ -35,11 +35,6 @@ impl RmsNormOp {
             saved_inv: Mutex::new(None),
         }
     }
-}
-
-/// Rows per rayon task: enough work to amortise the split.
-pub(super) fn rows_per_task(row_len: usize) -> usize {
-    (16 * 1024 / row_len.max(1)).max(1)
 }
 
 impl CustomOp2 for RmsNormOp {
@@ -60,24 +55,7 @@ impl CustomOp2 for RmsNormOp {
         if h == 0 || l1.shape().dims().last() != Some(&h) {
             candle_core::bail!("rms-norm: x {:?} does not end in {h}", l1.shape());
         }
-        let n = x.len() / h;
-        let mut y = vec![0f32; x.len()];
-        let mut inv = vec![0f32; n];
-        let eps = self.eps;
-        let rpt = rows_per_task(h);
-        y.par_chunks_mut(h * rpt)
-            .zip(inv.par_chunks_mut(rpt))
-            .zip(x.par_chunks(h * rpt))
-            .for_each(|((y, inv), x)| {
-                for ((y, inv), x) in y.chunks_exact_mut(h).zip(inv).zip(x.chunks_exact(h)) {
-                    let ss: f32 = x.iter().map(|v| v * v).sum();
-                    let r = 1.0 / (ss / h as f32 + eps).sqrt();
-                    *inv = r;
-                    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                        *y = w * (x * r);
-                    }
-                }
-            });
+        let (y, inv) = rms_norm_forward(Isa::current(), x, w, self.eps);
         *self.saved_inv.lock().unwrap_or_else(|e| e.into_inner()) = Some(inv);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -89,8 +67,7 @@ impl CustomOp2 for RmsNormOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let h = w.elem_count();
-        let n = x.elem_count() / h;
+        let isa = Isa::current();
         let saved = self
             .saved_inv
             .lock()
@@ -103,46 +80,13 @@ impl CustomOp2 for RmsNormOp {
         let (dx, dw) = with_data(&x, "x", |xs| {
             with_data(&dy, "dy", |gs| {
                 with_data(w, "norm weight", |ws| {
-                    let inv = saved.unwrap_or_else(|| {
-                        xs.chunks_exact(h)
-                            .map(|r| {
-                                1.0 / (r.iter().map(|v| v * v).sum::<f32>() / h as f32 + eps).sqrt()
-                            })
-                            .collect()
-                    });
-                    let rpt = rows_per_task(h);
+                    let inv = saved.unwrap_or_else(|| rms_norm_forward(isa, xs, ws, eps).1);
                     let dx = want_dx.then(|| {
-                        let mut dx = vec![0f32; n * h];
-                        dx.par_chunks_mut(h * rpt)
-                            .zip(xs.par_chunks(h * rpt))
-                            .zip(gs.par_chunks(h * rpt))
-                            .zip(inv.par_chunks(rpt))
-                            .for_each(|(((dx, x), g), inv)| {
-                                for (((dx, x), g), &r) in dx
-                                    .chunks_exact_mut(h)
-                                    .zip(x.chunks_exact(h))
-                                    .zip(g.chunks_exact(h))
-                                    .zip(inv)
-                                {
-                                    let dot: f32 =
-                                        x.iter().zip(g).zip(ws).map(|((x, g), w)| x * g * w).sum();
-                                    let c = dot * r * r / h as f32;
-                                    for (((d, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(ws) {
-                                        *d = r * (g * w - x * c);
-                                    }
-                                }
-                            });
+                        let mut dx = vec![0f32; xs.len()];
+                        rms_norm_backward(isa, gs, xs, &inv, ws, &mut dx, false);
                         dx
                     });
-                    let dw = want_dw.then(|| {
-                        let mut dw = vec![0f32; h];
-                        for ((x, g), &r) in xs.chunks_exact(h).zip(gs.chunks_exact(h)).zip(&inv) {
-                            for ((d, x), g) in dw.iter_mut().zip(x).zip(g) {
-                                *d += g * x * r;
-                            }
-                        }
-                        dw
-                    });
+                    let dw = want_dw.then(|| rms_norm_weight_grad(isa, gs, xs, &inv));
                     Ok((dx, dw))
                 })
             })

@@ -9,13 +9,15 @@
 //!
 //! Saves: the composed path is `reshape`/`transpose`, two `narrow`s, `neg`, `cat`, two
 //! broadcast products and an add (the transpose and the `cat` each copy), about as many again
-//! in backward with zero-initialised accumulation; this op reads the projection once and
-//! writes the rotated heads once, each way, parallel over (batch, head) on rayon.
+//! in backward with zero-initialised accumulation; this op rotates the projection in place
+//! (`kernels::rope`) and writes the heads transposed once, each way, parallel on rayon.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::lora_linear::{f32_slice, with_data};
+use crate::kernels::rope::rope_inplace;
+use crate::kernels::Isa;
 
 /// RoPE on `[b, t, heads·d]` giving `[b, heads, t, d]`.
 pub(crate) struct RopeOp {
@@ -25,27 +27,6 @@ pub(crate) struct RopeOp {
     pub cos: Tensor,
     /// `[t, d]` contiguous f32.
     pub sin: Tensor,
-}
-
-/// `out = a ⊙ c + rot(a) ⊙ s` (forward, `transposed = false`) or
-/// `out = a ⊙ c + rotᵀ(a ⊙ s)` (backward).
-#[inline]
-fn rotate(a: &[f32], c: &[f32], s: &[f32], out: &mut [f32], transposed: bool) {
-    let half = a.len() / 2;
-    for i in 0..a.len() {
-        let r = if i < half {
-            if transposed {
-                a[i + half] * s[i + half]
-            } else {
-                -a[i + half] * s[i]
-            }
-        } else if transposed {
-            -a[i - half] * s[i - half]
-        } else {
-            a[i - half] * s[i]
-        };
-        out[i] = a[i] * c[i] + r;
-    }
 }
 
 impl RopeOp {
@@ -71,21 +52,22 @@ impl CustomOp1 for RopeOp {
         let x = f32_slice(st, l, "x")?;
         let (b, t, d) = self.dims(l.shape())?;
         let h = self.heads;
-        let mut y = vec![0f32; x.len()];
+        let isa = Isa::current();
+        let mut rot = x.to_vec();
         with_data(&self.cos, "cos", |cos| {
             with_data(&self.sin, "sin", |sin| {
-                // One task per (batch, head): its [t, d] block of y.
-                y.par_chunks_mut(t * d).enumerate().for_each(|(bh, yb)| {
-                    let (bi, hi) = (bh / h, bh % h);
-                    for (p, yr) in yb.chunks_exact_mut(d).enumerate() {
-                        let src = ((bi * t + p) * h + hi) * d;
-                        let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-                        rotate(&x[src..src + d], c, s, yr, false);
-                    }
-                });
+                rope_inplace(isa, &mut rot, t, h, cos, sin, false);
                 Ok(())
             })
         })?;
+        // [b, t, h, d] → [b, h, t, d], one task per (batch, head).
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t * d).enumerate().for_each(|(bh, yb)| {
+            let (bi, hi) = (bh / h, bh % h);
+            for (p, yr) in yb.chunks_exact_mut(d).enumerate() {
+                yr.copy_from_slice(&rot[((bi * t + p) * h + hi) * d..][..d]);
+            }
+        });
         Ok((CpuStorage::F32(y), Shape::from((b, h, t, d))))
     }
 
@@ -93,19 +75,19 @@ impl CustomOp1 for RopeOp {
         let (b, t, d) = self.dims(x.shape())?;
         let h = self.heads;
         let dy = dy.contiguous()?;
+        let isa = Isa::current();
         let mut dx = vec![0f32; x.elem_count()];
         with_data(&dy, "dy", |g| {
+            // [b, h, t, d] → [b, t, h, d], one task per (batch, position).
+            dx.par_chunks_mut(h * d).enumerate().for_each(|(bt, row)| {
+                let (bi, p) = (bt / t, bt % t);
+                for (hi, out) in row.chunks_exact_mut(d).enumerate() {
+                    out.copy_from_slice(&g[((bi * h + hi) * t + p) * d..][..d]);
+                }
+            });
             with_data(&self.cos, "cos", |cos| {
                 with_data(&self.sin, "sin", |sin| {
-                    // One task per (batch, position): its [h·d] row of dx.
-                    dx.par_chunks_mut(h * d).enumerate().for_each(|(bt, row)| {
-                        let (bi, p) = (bt / t, bt % t);
-                        let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
-                        for (hi, out) in row.chunks_exact_mut(d).enumerate() {
-                            let src = ((bi * h + hi) * t + p) * d;
-                            rotate(&g[src..src + d], c, s, out, true);
-                        }
-                    });
+                    rope_inplace(isa, &mut dx, t, h, cos, sin, true);
                     Ok(())
                 })
             })

@@ -7,15 +7,16 @@
 //!
 //! Saves: the composed path is `* c`, `+ mask` (broadcast), `max`, `−max`, `exp`, `sum`, `/`
 //! (seven passes and buffers over the `[b, h, t, S]` scores) and more than twice that in
-//! backward; this op makes one pass each way, row-parallel on rayon, and its backward reuses
-//! the forward's output instead of saving anything. (candle-nn's `softmax_last_dim` has no
+//! backward; this op makes one pass each way (`kernels::softmax`), row-parallel on rayon, and
+//! its backward reuses the forward's output instead of saving anything. (candle-nn's `softmax_last_dim` has no
 //! backward.)
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::lora_linear::{f32_slice, with_data};
-use super::rms_norm::rows_per_task;
+use crate::kernels::softmax::{softmax_backward, softmax_inplace};
+use crate::kernels::{rows_per_task, vectorised, Isa};
 
 /// `softmax(scale · x + mask)` over the last dim; `mask: [t, S]` repeats over the leading dims.
 pub(crate) struct ScaledMaskedSoftmaxOp {
@@ -25,6 +26,7 @@ pub(crate) struct ScaledMaskedSoftmaxOp {
     pub mask: Option<Tensor>,
 }
 
+#[inline(always)]
 fn softmax_rows(x: &[f32], y: &mut [f32], s: usize, scale: f32, mask: Option<&[f32]>, row0: usize) {
     for (i, (y, x)) in y.chunks_exact_mut(s).zip(x.chunks_exact(s)).enumerate() {
         let m = mask.map(|m| {
@@ -40,19 +42,8 @@ fn softmax_rows(x: &[f32], y: &mut [f32], s: usize, scale: f32, mask: Option<&[f
                 .for_each(|((y, x), m)| *y = x * scale + m),
             None => y.iter_mut().zip(x).for_each(|(y, x)| *y = x * scale),
         }
-        let max = y.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
-            // A fully masked row: candle's composed path gives NaN; keep that behaviour.
-            y.iter_mut().for_each(|y| *y = f32::NAN);
-            continue;
-        }
-        let mut sum = 0f32;
-        for y in y.iter_mut() {
-            *y = (*y - max).exp();
-            sum += *y;
-        }
-        let inv = 1.0 / sum;
-        y.iter_mut().for_each(|y| *y *= inv);
+        // A fully masked row becomes NaN, as candle's composed path gives.
+        softmax_inplace(y);
     }
 }
 
@@ -67,6 +58,7 @@ impl CustomOp1 for ScaledMaskedSoftmaxOp {
         let mut y = vec![0f32; x.len()];
         let rpt = rows_per_task(s);
         let scale = self.scale;
+        let isa = Isa::current();
         let mut run = |mask: Option<&[f32]>| -> candle_core::Result<()> {
             if let Some(m) = mask {
                 if m.len() % s != 0 || (x.len() / s) % (m.len() / s).max(1) != 0 {
@@ -76,7 +68,13 @@ impl CustomOp1 for ScaledMaskedSoftmaxOp {
             y.par_chunks_mut(s * rpt)
                 .zip(x.par_chunks(s * rpt))
                 .enumerate()
-                .for_each(|(k, (y, x))| softmax_rows(x, y, s, scale, mask, k * rpt));
+                .for_each(|(k, (y, x))| {
+                    vectorised(
+                        isa,
+                        #[inline(always)]
+                        || softmax_rows(x, y, s, scale, mask, k * rpt),
+                    )
+                });
             Ok(())
         };
         match &self.mask {
@@ -91,6 +89,7 @@ impl CustomOp1 for ScaledMaskedSoftmaxOp {
         let dp = dp.contiguous()?;
         let p = p.contiguous()?;
         let scale = self.scale;
+        let isa = Isa::current();
         let dx = with_data(&p, "softmax output", |ps| {
             with_data(&dp, "dp", |gs| {
                 let mut dx = vec![0f32; ps.len()];
@@ -99,16 +98,16 @@ impl CustomOp1 for ScaledMaskedSoftmaxOp {
                     .zip(ps.par_chunks(s * rpt))
                     .zip(gs.par_chunks(s * rpt))
                     .for_each(|((dx, p), g)| {
-                        for ((dx, p), g) in dx
-                            .chunks_exact_mut(s)
-                            .zip(p.chunks_exact(s))
-                            .zip(g.chunks_exact(s))
-                        {
-                            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-                            for ((d, p), g) in dx.iter_mut().zip(p).zip(g) {
-                                *d = scale * p * (g - dot);
-                            }
-                        }
+                        vectorised(
+                            isa,
+                            #[inline(always)]
+                            || {
+                                dx.copy_from_slice(g);
+                                for (dx, p) in dx.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
+                                    softmax_backward(p, dx, scale);
+                                }
+                            },
+                        )
                     });
                 Ok(dx)
             })

@@ -9,22 +9,15 @@
 //! Saves: the composed path keeps `silu(g)` as an extra `[N, I]` activation and its backward
 //! runs `silu'` as six elementwise ops plus two products, each a fresh buffer, with every
 //! gradient accumulated through a zero tensor; this op makes one pass forward and one backward
-//! (recomputing σ), parallel on rayon.
-
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
+//! (recomputing σ) with `kernels::activation`.
 
 use super::lora_linear::{f32_slice, with_data};
+use crate::kernels::activation::{swiglu_backward, swiglu_forward};
+use crate::kernels::Isa;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 /// `silu(g) ⊙ u` for two tensors of one shape.
 pub(crate) struct SwiGluOp;
-
-const CHUNK: usize = 16 * 1024;
-
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
 
 impl CustomOp2 for SwiGluOp {
     fn name(&self) -> &'static str {
@@ -43,15 +36,7 @@ impl CustomOp2 for SwiGluOp {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu: gate {:?} vs up {:?}", l1.shape(), l2.shape());
         }
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(u.par_chunks(CHUNK))
-            .for_each(|((y, g), u)| {
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(*g) * u;
-                }
-            });
+        let y = swiglu_forward(Isa::current(), g, u);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -62,40 +47,16 @@ impl CustomOp2 for SwiGluOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let isa = Isa::current();
         let dy = dy.contiguous()?;
         let (gc, uc) = (g.contiguous()?, u.contiguous()?);
         let (want_g, want_u) = (g.track_op(), u.track_op());
         let (dg, du) = with_data(&gc, "gate", |gs| {
             with_data(&uc, "up", |us| {
                 with_data(&dy, "dy", |ds| {
-                    let n = gs.len();
-                    let mut dg = vec![0f32; if want_g { n } else { 0 }];
-                    let mut du = vec![0f32; if want_u { n } else { 0 }];
-                    let dgc = if want_g { CHUNK } else { 1 };
-                    let duc = if want_u { CHUNK } else { 1 };
-                    // Empty outputs give zero chunks; pad with an iterator of empty slices.
-                    let n_chunks = n.div_ceil(CHUNK);
-                    let mut dg_chunks: Vec<&mut [f32]> = dg.chunks_mut(dgc).collect();
-                    let mut du_chunks: Vec<&mut [f32]> = du.chunks_mut(duc).collect();
-                    dg_chunks.resize_with(n_chunks, Default::default);
-                    du_chunks.resize_with(n_chunks, Default::default);
-                    dg_chunks
-                        .into_par_iter()
-                        .zip(du_chunks)
-                        .zip(gs.par_chunks(CHUNK))
-                        .zip(us.par_chunks(CHUNK))
-                        .zip(ds.par_chunks(CHUNK))
-                        .for_each(|((((dg, du), g), u), d)| {
-                            for (i, ((g, u), d)) in g.iter().zip(u).zip(d).enumerate() {
-                                let sg = sigmoid(*g);
-                                if let Some(x) = dg.get_mut(i) {
-                                    *x = d * u * sg * (1.0 + g * (1.0 - sg));
-                                }
-                                if let Some(x) = du.get_mut(i) {
-                                    *x = d * g * sg;
-                                }
-                            }
-                        });
+                    // The kernel writes both gradients over copies of the inputs.
+                    let (mut dg, mut du) = (gs.to_vec(), us.to_vec());
+                    swiglu_backward(isa, &mut dg, &mut du, ds);
                     Ok((dg, du))
                 })
             })

@@ -26,12 +26,13 @@
 //! product), in both directions: one GEMM instead of the base GEMM plus two skinny ones (the
 //! adapter itself stays unmerged). Attention keeps `P` (`[b, heads, t, t]`), reads the heads of
 //! the token-major projections through strides, writes each head's outputs and gradients into
-//! the token-major buffers in place, and skips the key blocks a query block cannot see; its
-//! per-head products run in `ops::tile_mm`'s AVX-512 register tiles where available (12-row
-//! query blocks), else through the GEMM (64-row blocks). Large products go through `ops::gemm` (split between threads by columns, else rows, one
+//! the token-major buffers in place, and skips the key blocks a query block cannot see
+//! (`kernels::attention`, per-head products in `kernels::tile_mm`'s register tiles). Large
+//! products go through `kernels::gemm` (split between threads by columns, else rows, one
 //! serial GEMM per thread) and write fresh outputs without a zero fill; the adapters' rank-r
-//! products use `ops::skinny`'s AVX-512 kernels where available; element-wise kernels run row
-//! chunks on rayon's pool with the vectorised `exp` and reductions of `ops::vecmath`.
+//! products use `kernels::skinny`; norms, RoPE, SwiGLU and cross-entropy are
+//! `kernels::{norm, rope, activation, softmax}`. Every kernel runs on the instruction set
+//! [`Isa::current`] gives at the start of the step (AVX-512, AVX2+FMA or portable).
 //!
 //! With [`FusedOptions::gradient_checkpointing`] the forward keeps only each layer's input
 //! (and its dropout masks) and the backward runs that layer's forward again before its
@@ -56,13 +57,16 @@ use rayon::prelude::*;
 
 use super::Llama;
 use crate::error::{Error, Result};
+use crate::kernels::activation::{swiglu_backward, swiglu_forward};
+use crate::kernels::attention::{attention_backward, attention_forward, Attention, Mask};
+use crate::kernels::embedding::embedding_forward;
+use crate::kernels::norm::{rms_norm_backward, rms_norm_forward};
+use crate::kernels::rope::rope_inplace;
+use crate::kernels::softmax::cross_entropy_inplace;
+use crate::kernels::{gemm, skinny, vectorised, Isa, CHUNK};
 use crate::layers::{LoraLinear, Mergeable};
 #[cfg(doc)]
 use crate::models::CausalLm;
-use crate::ops::gemm::Out;
-use crate::ops::tile_mm::{tile_mm_to, transpose};
-use crate::ops::vecmath::{dot, dot3, exp1, max, sum, vectorised};
-use crate::ops::{gemm, skinny};
 
 /// The loss and the adapters' gradients of one batch, from
 /// [`CausalLm::fused_loss_and_grads`].
@@ -119,11 +123,6 @@ fn mm_new(
     gemm::gemm_f32_new(m, n, k, lhs, (lrs, lcs), rhs, (rrs, rcs), beta)
 }
 
-/// Rows per rayon task for row-wise kernels (about 16k elements each).
-fn rows_per_task(row_len: usize) -> usize {
-    (16 * 1024 / row_len.max(1)).max(1)
-}
-
 /// An adapter of one linear: `A`, `B` (copied), the scale and `W' = W0 + s·B·A`.
 struct Adapter {
     a: Vec<f32>,
@@ -137,6 +136,8 @@ struct Adapter {
     /// Dropout on the branch input (PEFT's `lora_dropout`), and the stream its masks come from.
     dropout: f32,
     rng: crate::layers::LoraRng,
+    /// The kernels' target for this step.
+    isa: Isa,
 }
 
 /// What a dropout-adapted linear keeps for its backward: the inverted-dropout mask `[n, in]`
@@ -317,11 +318,7 @@ impl Lin<'_> {
             }
             None => (x, None),
         };
-        let (da, db) = if skinny::available() {
-            skinny_lora_grads(x, dy, saved_xa, ad, (n, inp, o))
-        } else {
-            gemm_lora_grads(x, dy, saved_xa, ad, (n, inp, o))
-        };
+        let (da, db) = skinny_lora_grads(x, dy, saved_xa, ad, (n, inp, o));
         let dev = candle_core::Device::Cpu;
         out.push((ad.a_var.clone(), Tensor::from_vec(da, (r, inp), &dev)?));
         out.push((ad.b_var.clone(), Tensor::from_vec(db, (o, r), &dev)?));
@@ -330,7 +327,7 @@ impl Lin<'_> {
 }
 
 /// `(dA, dB)` of an adapter, `dA = s·(dy·B)ᵀ·x` `[r, in]`, `dB = s·dyᵀ·xa` `[out, r]` with
-/// `xa = x·Aᵀ` (given, or made here), by the AVX-512 skinny kernels: the rows are split across
+/// `xa = x·Aᵀ` (given, or made here), by the skinny kernels: the rows are split across
 /// threads, each pass reads its rows of `x` and `dy` once per product from cache, and the
 /// threads' partial sums are added at the end.
 fn skinny_lora_grads(
@@ -356,16 +353,16 @@ fn skinny_lora_grads(
                 Some(xa) => &xa[r0 * r..(r0 + m) * r],
                 None => {
                     let mut xa = vec![0f32; m * r];
-                    skinny::dots((m, r, inp), xr, inp, &ad.a, inp, 1.0, &mut xa);
+                    skinny::dots(ad.isa, (m, r, inp), xr, inp, &ad.a, inp, 1.0, &mut xa);
                     made = xa;
                     &made[..]
                 }
             };
             let mut g = vec![0f32; m * r];
-            skinny::dots((m, r, o), dyr, o, &bt, o, 1.0, &mut g);
+            skinny::dots(ad.isa, (m, r, o), dyr, o, &bt, o, 1.0, &mut g);
             let (mut da, mut dbt) = (vec![0f32; r * inp], vec![0f32; r * o]);
-            skinny::rank_update((m, r, inp), &g, r, xr, inp, ad.s, &mut da, inp);
-            skinny::rank_update((m, r, o), xa, r, dyr, o, ad.s, &mut dbt, o);
+            skinny::rank_update(ad.isa, (m, r, inp), &g, r, xr, inp, ad.s, &mut da, inp);
+            skinny::rank_update(ad.isa, (m, r, o), xa, r, dyr, o, ad.s, &mut dbt, o);
             (da, dbt)
         })
         .collect();
@@ -378,7 +375,8 @@ fn skinny_lora_grads(
     (da, db)
 }
 
-/// [`skinny_lora_grads`] by the general GEMM (CPUs without AVX-512).
+/// [`skinny_lora_grads`] by the general GEMM (the reference it is tested against).
+#[cfg(test)]
 fn gemm_lora_grads(
     x: &[f32],
     dy: &[f32],
@@ -493,21 +491,21 @@ fn layer_forward(
 ) -> (Vec<f32>, Saved) {
     let n = dm.n;
     let [mq, mk, mv, mo, mg, mu, md] = masks;
-    let (xn, inv1) = rms_forward(&x, l.n1, dm.eps);
+    let (xn, inv1) = rms_norm_forward(dm.isa, &x, l.n1, dm.eps);
     let (mut q, dq_) = l.q.forward(&xn, n, mq);
-    rope_inplace(&mut q, dm.heads, dm, false);
+    dm.rope(&mut q, dm.heads, false);
     let (mut k, dk_) = l.k.forward(&xn, n, mk);
-    rope_inplace(&mut k, dm.kv_heads, dm, false);
+    dm.rope(&mut k, dm.kv_heads, false);
     let (v, dv_) = l.v.forward(&xn, n, mv);
-    let (p, o) = attention_forward(&q, &k, &v, dm);
+    let (p, o) = attention_forward(&q, &k, &v, &dm.attn);
     let (mut h1, do_) = l.o.forward(&o, n, mo);
-    add_into(&mut h1, &x);
-    let (xn2, inv2) = rms_forward(&h1, l.n2, dm.eps);
+    add_into(dm.isa, &mut h1, &x);
+    let (xn2, inv2) = rms_norm_forward(dm.isa, &h1, l.n2, dm.eps);
     let (g, dg_) = l.gate.forward(&xn2, n, mg);
     let (u, du_) = l.up.forward(&xn2, n, mu);
-    let hm = swiglu_forward(&g, &u);
+    let hm = swiglu_forward(dm.isa, &g, &u);
     let (mut out, dd_) = l.down.forward(&hm, n, md);
-    add_into(&mut out, &h1);
+    add_into(dm.isa, &mut out, &h1);
     let s = Saved {
         x,
         inv1,
@@ -528,484 +526,35 @@ fn layer_forward(
     (out, s)
 }
 
-/// Shapes and tables shared by every layer.
+/// Shapes, tables and the kernel target shared by every layer.
 struct Dims {
-    b: usize,
     t: usize,
     n: usize,
     heads: usize,
     kv_heads: usize,
-    d: usize,
     eps: f32,
-    window: Option<usize>,
+    /// Causal, with the model's sliding window if any.
+    attn: Attention<'static>,
     /// `[t, d]` rope tables (both halves equal).
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// Attention's small products through [`tile_mm_to`] (AVX-512) rather than the GEMM.
-    tiles: bool,
+    isa: Isa,
 }
 
 impl Dims {
-    /// Query rows per attention block ([`QBLOCK_TILES`] or [`QBLOCK_GEMM`]).
-    fn qblock(&self) -> usize {
-        if self.tiles {
-            QBLOCK_TILES
-        } else {
-            QBLOCK_GEMM
-        }
+    /// RoPE (or its backward) on token-major `x` with `heads` heads.
+    fn rope(&self, x: &mut [f32], heads: usize, backward: bool) {
+        rope_inplace(self.isa, x, self.t, heads, &self.cos, &self.sin, backward);
     }
-}
-
-/// `y = w ⊙ x·inv` per row with `inv = 1/√(mean(x²) + ε)`; returns `(y, inv)`.
-fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let h = w.len();
-    let rows = x.len() / h;
-    let mut inv = vec![0f32; rows];
-    let (per, len) = (rows_per_task(h), rows * h);
-    let mut y = Vec::with_capacity(len);
-    y.spare_capacity_mut()[..len]
-        .par_chunks_mut(h * per)
-        .zip(inv.par_chunks_mut(per))
-        .zip(x[..len].par_chunks(h * per))
-        .for_each(|((y, inv), x)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for ((y, inv), x) in y.chunks_exact_mut(h).zip(inv).zip(x.chunks_exact(h)) {
-                        let ms = dot(x, x) / h as f32;
-                        *inv = 1.0 / (ms + eps).sqrt();
-                        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                            y.write(w * (x * *inv));
-                        }
-                    }
-                },
-            )
-        });
-    // SAFETY: the pieces cover the `rows` whole rows of `h` values, each written above.
-    unsafe { y.set_len(len) };
-    (y, inv)
-}
-
-/// `dx (+)= inv·(w⊙dy) − inv³·x·Σ(dy⊙w⊙x)/H`, the gradient of [`rms_forward`] at `x`.
-fn rms_backward(dy: &[f32], x: &[f32], inv: &[f32], w: &[f32], dx: &mut [f32]) {
-    let h = w.len();
-    let per = rows_per_task(h);
-    dx.par_chunks_mut(h * per)
-        .zip(dy.par_chunks(h * per))
-        .zip(x.par_chunks(h * per))
-        .zip(inv.par_chunks(per))
-        .for_each(|(((dx, dy), x), inv)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for (((dx, dy), x), &inv) in dx
-                        .chunks_exact_mut(h)
-                        .zip(dy.chunks_exact(h))
-                        .zip(x.chunks_exact(h))
-                        .zip(inv)
-                    {
-                        let c = inv * inv * inv * dot3(dy, w, x) / h as f32;
-                        for (((dx, dy), x), w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
-                            *dx += inv * w * dy - c * x;
-                        }
-                    }
-                },
-            )
-        });
-}
-
-/// RoPE in place on token-major `x: [b·t, n·d]` (`n` heads of `d`):
-/// `x ← x ⊙ cos + rotate_half(x) ⊙ sin` per head, position `t` of each row; with `inverse`
-/// the rotation by −angle (`sin` negated), which is RoPE's backward (its transpose, as the
-/// tables' two halves are equal).
-fn rope_inplace(x: &mut [f32], n: usize, dm: &Dims, inverse: bool) {
-    let (t, d) = (dm.t, dm.d);
-    let half = d / 2;
-    let sign = if inverse { -1.0 } else { 1.0 };
-    x.par_chunks_mut(n * d).enumerate().for_each(|(row, x)| {
-        let ti = row % t;
-        let (c, s) = (&dm.cos[ti * d..][..d], &dm.sin[ti * d..][..d]);
-        vectorised(
-            #[inline(always)]
-            || {
-                for head in x.chunks_exact_mut(d) {
-                    let (x1, x2) = head.split_at_mut(half);
-                    for j in 0..half {
-                        let (a, b) = (x1[j], x2[j]);
-                        x1[j] = a * c[j] - b * (sign * s[j]);
-                        x2[j] = b * c[half + j] + a * (sign * s[half + j]);
-                    }
-                }
-            },
-        )
-    });
-}
-
-/// Query rows per attention block through the GEMM: a block's queries only need the keys up
-/// to its last row, so the products skip the masked upper blocks (a quarter of the work at
-/// 128 tokens).
-const QBLOCK_GEMM: usize = 64;
-/// Query rows per attention block through [`tile_mm_to`] (two 6-row tiles): small products
-/// cost it nothing extra, and thinner blocks skip more of the masked triangle (at 128 tokens
-/// 55 % of the full products against 75 %). Attention fwd + bwd of one benchmark layer, 2
-/// threads: 0.89× the time of 64-row blocks (about 4.9 → 4.1 ms; median of 6 alternating
-/// rounds of 100).
-const QBLOCK_TILES: usize = 12;
-
-/// The query blocks of a `t`-token sequence: `(first row, rows, first key, keys)`; the keys
-/// span what the block's rows may see (causal, and the sliding window when set).
-fn query_blocks(dm: &Dims) -> Vec<(usize, usize, usize, usize)> {
-    let qblock = dm.qblock();
-    (0..dm.t)
-        .step_by(qblock)
-        .map(|r0| {
-            let rows = qblock.min(dm.t - r0);
-            let k0 = dm.window.map_or(0, |w| (r0 + 1).saturating_sub(w));
-            (r0, rows, k0, r0 + rows - k0)
-        })
-        .collect()
-}
-
-/// `c (+)= beta·a·y` for attention's small products on this thread, `y` row-major (rows `y_rs`
-/// apart), into the `m×n` block at `c` (row stride `c_rs`): [`tile_mm_to`] with `tiles`, else
-/// the GEMM.
-///
-/// # Safety
-/// `c` must be valid for writes (and reads of initialised values when `acc`) of the block,
-/// with nothing else accessing it during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn small_mm(
-    tiles: bool,
-    dims: (usize, usize, usize),
-    (c, c_rs): (*mut f32, usize),
-    acc: bool,
-    (a, a_rs, a_cs): (&[f32], usize, usize),
-    (y, y_rs): (&[f32], usize),
-    beta: f32,
-) {
-    // SAFETY: the caller's contract on `c`; both check the operands' extents.
-    unsafe {
-        if tiles {
-            tile_mm_to(dims, a, (a_rs, a_cs), y, y_rs, beta, c, c_rs, acc);
-        } else {
-            let (ast, yst) = ((a_rs, a_cs), (y_rs, 1));
-            gemm::gemm_f32_to(dims, c, c_rs, acc, a, ast, y, yst, beta);
-        }
-    }
-}
-
-/// One head of a token-major `x` (`t` rows `x_rs` apart, `d` columns from the slice's start)
-/// transposed to `[d, t]`: the right operand of a product with `xᵀ`.
-fn transposed_head(x: &[f32], x_rs: usize, dm: &Dims) -> Vec<f32> {
-    let (t, d) = (dm.t, dm.d);
-    let mut out = vec![0f32; d * t];
-    if dm.tiles {
-        transpose(x, x_rs, (t, d), &mut out);
-        return out;
-    }
-    for (j, row) in x.chunks(x_rs).take(t).enumerate() {
-        for (c, v) in row[..d].iter().enumerate() {
-            out[c * t + j] = *v;
-        }
-    }
-    out
-}
-
-/// Causal attention over token-major `q: [b·t, H·d]`, `k, v: [b·t, KV·d]` (heads read in
-/// place through strides): returns the probabilities `[b, H, t, t]` (0 where masked) and the
-/// output, token-major `[b·t, H·d]`, which each head's task writes in place.
-fn attention_forward(q: &[f32], k: &[f32], v: &[f32], dm: &Dims) -> (Vec<f32>, Vec<f32>) {
-    let (t, d, h, kvh) = (dm.t, dm.d, dm.heads, dm.kv_heads);
-    let rep = h / kvh;
-    let (hd, kvd) = (h * d, kvh * d);
-    let scale = 1.0 / (d as f32).sqrt();
-    let blocks = query_blocks(dm);
-    let mut p = vec![0f32; dm.b * h * t * t];
-    let mut o: Vec<f32> = Vec::with_capacity(dm.n * hd);
-    // Each task writes its head's columns of `o` (below).
-    let out = Out {
-        ptr: o.as_mut_ptr(),
-        rs: hd,
-    };
-    p.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
-        let (bi, hi) = (bh / h, bh % h);
-        let qh = &q[bi * t * hd + hi * d..];
-        let kv = bi * t * kvd + (hi / rep) * d;
-        let (kt, vh) = (transposed_head(&k[kv..], kvd, dm), &v[kv..]);
-        for &(r0, rows, k0, keys) in &blocks {
-            let qb = (&qh[r0 * hd..], hd, 1);
-            // SAFETY: the block of `p` lies inside this task's chunk, borrowed mutably.
-            unsafe {
-                let pb = (p[r0 * t + k0..].as_mut_ptr(), t);
-                small_mm(
-                    dm.tiles,
-                    (rows, keys, d),
-                    pb,
-                    false,
-                    qb,
-                    (&kt[k0..], t),
-                    scale,
-                );
-            }
-            vectorised(
-                #[inline(always)]
-                || {
-                    for i in r0..r0 + rows {
-                        // Query i sees keys lo..=i.
-                        let row = &mut p[i * t..][..t];
-                        let lo = dm.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                        row[..lo].fill(0.0);
-                        row[i + 1..].fill(0.0);
-                        let seen = &mut row[lo..=i];
-                        let m = max(seen);
-                        seen.iter_mut().for_each(|x| *x = exp1(*x - m));
-                        let inv = 1.0 / sum(seen);
-                        seen.iter_mut().for_each(|x| *x *= inv);
-                    }
-                },
-            );
-            let pb = (&p[r0 * t + k0..], t, 1);
-            // SAFETY: rows bi·t + r0.. (rows of them) × columns hi·d..(hi + 1)·d of `o` are
-            // this task's alone (one task per sequence and head) and inside its capacity.
-            unsafe {
-                let ob = (out.at(bi * t + r0, hi * d).ptr, hd);
-                small_mm(
-                    dm.tiles,
-                    (rows, d, keys),
-                    ob,
-                    false,
-                    pb,
-                    (&vh[k0 * kvd..], kvd),
-                    1.0,
-                );
-            }
-        }
-    });
-    // SAFETY: the blocks cover rows 0..t of every sequence and every head's columns, and each
-    // product above wrote its whole block (`acc` false): all n·H·d values are initialised.
-    unsafe { o.set_len(dm.n * hd) };
-    (p, o)
-}
-
-/// The gradient of [`attention_forward`] (same token-major inputs) for output gradient
-/// `do_tok: [b·t, H·d]`: returns token-major `(dq, dk, dv)`, with RoPE's backward applied to
-/// `dq` and `dk`.
-fn attention_backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    p: &[f32],
-    do_tok: &[f32],
-    dm: &Dims,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (t, d, h, kvh) = (dm.t, dm.d, dm.heads, dm.kv_heads);
-    let rep = h / kvh;
-    let scale = 1.0 / (d as f32).sqrt();
-    let blocks = query_blocks(dm);
-    let (hd, kvd) = (h * d, kvh * d);
-    let (mut dq, mut dk, mut dv): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-        Vec::with_capacity(q.len()),
-        Vec::with_capacity(k.len()),
-        Vec::with_capacity(v.len()),
-    );
-    let (dqs, dks, dvs) = (
-        Out {
-            ptr: dq.as_mut_ptr(),
-            rs: hd,
-        },
-        Out {
-            ptr: dk.as_mut_ptr(),
-            rs: kvd,
-        },
-        Out {
-            ptr: dv.as_mut_ptr(),
-            rs: kvd,
-        },
-    );
-    (0..dm.b * kvh).into_par_iter().for_each(|g| {
-        let (bi, kvi) = (g / kvh, g % kvh);
-        let kv = bi * t * kvd + kvi * d;
-        let (kh, vt) = (&k[kv..], transposed_head(&v[kv..], kvd, dm));
-        // SAFETY (every access through `dqs`, `dks`, `dvs` below): this task alone touches
-        // rows bi·t..(bi + 1)·t of the kv head's columns of `dk` and `dv` and of its `rep`
-        // query heads' columns of `dq` (one task per sequence and kv head), inside capacity.
-        let (dkb, dvb) = unsafe { (dks.at(bi * t, kvi * d).ptr, dvs.at(bi * t, kvi * d).ptr) };
-        for i in 0..t {
-            // SAFETY: as above; zeroes before the products accumulate into them.
-            unsafe {
-                std::ptr::write_bytes(dkb.add(i * kvd), 0, d);
-                std::ptr::write_bytes(dvb.add(i * kvd), 0, d);
-            }
-        }
-        let mut ds = vec![0f32; dm.qblock() * t];
-        for r in 0..rep {
-            let hi = kvi * rep + r;
-            let bh = bi * h + hi;
-            let head = (bi * t) * hd + hi * d;
-            let (qh, ph) = (&q[head..], &p[bh * t * t..][..t * t]);
-            let doh = &do_tok[head..];
-            for &(r0, rows, k0, keys) in &blocks {
-                let (dob, pb) = (&doh[r0 * hd..], &ph[r0 * t + k0..]);
-                // SAFETY: `ds` is this task's; the `dv` and `dq` blocks are this task's (above).
-                unsafe {
-                    // dP = dO·Vᵀ and dV += Pᵀ·dO over the block's keys.
-                    let vb = (&vt[k0..], t);
-                    small_mm(
-                        dm.tiles,
-                        (rows, keys, d),
-                        (ds.as_mut_ptr(), keys),
-                        false,
-                        (dob, hd, 1),
-                        vb,
-                        1.0,
-                    );
-                    let dvk = (dvb.add(k0 * kvd), kvd);
-                    small_mm(
-                        dm.tiles,
-                        (keys, d, rows),
-                        dvk,
-                        true,
-                        (pb, 1, t),
-                        (dob, hd),
-                        1.0,
-                    );
-                }
-                // dS = P ⊙ (dP − Σ dP⊙P) / √d.
-                vectorised(
-                    #[inline(always)]
-                    || {
-                        for (i, dsr) in ds.chunks_exact_mut(keys).take(rows).enumerate() {
-                            let pr = &pb[i * t..][..keys];
-                            let c = dot(dsr, pr);
-                            for (x, p) in dsr.iter_mut().zip(pr) {
-                                *x = p * (*x - c) * scale;
-                            }
-                        }
-                    },
-                );
-                // SAFETY: as above.
-                unsafe {
-                    let dqb = (dqs.at(bi * t + r0, hi * d).ptr, hd);
-                    let kb = (&kh[k0 * kvd..], kvd);
-                    small_mm(
-                        dm.tiles,
-                        (rows, d, keys),
-                        dqb,
-                        false,
-                        (&ds, keys, 1),
-                        kb,
-                        1.0,
-                    );
-                    let dkk = (dkb.add(k0 * kvd), kvd);
-                    small_mm(
-                        dm.tiles,
-                        (keys, d, rows),
-                        dkk,
-                        true,
-                        (&ds, 1, keys),
-                        (&qh[r0 * hd..], hd),
-                        1.0,
-                    );
-                }
-            }
-        }
-    });
-    // SAFETY: every task zeroed its rows of `dk` and `dv` before accumulating, and the query
-    // blocks' products (`acc` false) wrote all rows of each head's columns of `dq`: every
-    // value of the three is initialised.
-    unsafe {
-        dq.set_len(q.len());
-        dk.set_len(k.len());
-        dv.set_len(v.len());
-    }
-    rope_inplace(&mut dq, h, dm, true);
-    rope_inplace(&mut dk, kvh, dm, true);
-    (dq, dk, dv)
-}
-
-/// Elements per rayon task of the element-wise kernels.
-const CHUNK: usize = 16 * 1024;
-
-/// `silu(g) ⊙ u = g·u / (1 + e^−g)`.
-fn swiglu_forward(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let len = g.len().min(u.len());
-    let mut y = Vec::with_capacity(len);
-    y.spare_capacity_mut()[..len]
-        .par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .zip(u.par_chunks(CHUNK))
-        .for_each(|((y, g), u)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                        y.write(g / (1.0 + exp1(-g)) * u);
-                    }
-                },
-            )
-        });
-    // SAFETY: the pieces of `y` pair with equally long pieces of `g` and `u` (all at least
-    // `len` long), so every one of the `len` values was written above.
-    unsafe { y.set_len(len) };
-    y
-}
-
-/// The gradients of [`swiglu_forward`] for `dy`, written over `g` and `u` (`(dg, du)`):
-/// with `σ = 1/(1 + e^−g)`, `dg = dy·u·σ·(1 + g·(1 − σ))`, `du = dy·g·σ`.
-fn swiglu_backward(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
-    g.par_chunks_mut(CHUNK)
-        .zip(u.par_chunks_mut(CHUNK))
-        .zip(dy.par_chunks(CHUNK))
-        .for_each(|((g, u), dy)| {
-            vectorised(
-                #[inline(always)]
-                || {
-                    for ((g, u), dy) in g.iter_mut().zip(u.iter_mut()).zip(dy) {
-                        let sig = 1.0 / (1.0 + exp1(-*g));
-                        let silu = *g * sig;
-                        let dg = dy * *u * sig * (1.0 + *g * (1.0 - sig));
-                        *u = dy * silu;
-                        *g = dg;
-                    }
-                },
-            )
-        });
-}
-
-/// Cross-entropy over `logits: [N, V]` for `(row, target)` pairs, in place: the rows become
-/// `softmax − onehot` (rows without a target become 0); returns `Σ (logsumexp − logit[target])`.
-fn cross_entropy(logits: &mut [f32], v: usize, targets: &[Option<u32>]) -> f64 {
-    logits
-        .par_chunks_mut(v)
-        .zip(targets.par_iter())
-        .map(|(row, tgt)| {
-            let Some(tgt) = *tgt else {
-                row.fill(0.0);
-                return 0.0;
-            };
-            vectorised(
-                #[inline(always)]
-                || {
-                    let mx = max(row);
-                    let picked = row[tgt as usize];
-                    row.iter_mut().for_each(|x| *x = exp1(*x - mx));
-                    let total = sum(row);
-                    let inv = 1.0 / total;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                    row[tgt as usize] -= 1.0;
-                    f64::from(mx + total.ln() - picked)
-                },
-            )
-        })
-        .sum()
 }
 
 /// `a += b`.
-fn add_into(a: &mut [f32], b: &[f32]) {
-    a.par_chunks_mut(16 * 1024)
-        .zip(b.par_chunks(16 * 1024))
+fn add_into(isa: Isa, a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
         .for_each(|(a, b)| {
             vectorised(
+                isa,
                 #[inline(always)]
                 || a.iter_mut().zip(b).for_each(|(a, b)| *a += b),
             )
@@ -1032,6 +581,7 @@ fn adapter(
     out: usize,
     inp: usize,
     rng: &crate::layers::LoraRng,
+    isa: Isa,
 ) -> Result<Option<Adapter>> {
     let Some(l) = lin.lora() else {
         return Ok(None);
@@ -1051,9 +601,10 @@ fn adapter(
             merged: Vec::new(),
             dropout: l.dropout,
             rng: rng.clone(),
+            isa,
         }));
     }
-    let merged = crate::ops::merged_weight_of(w0, &a, &b, s, out, inp);
+    let merged = crate::ops::merged_weight_of(isa, w0, &a, &b, s, out, inp);
     Ok(Some(Adapter {
         a,
         b,
@@ -1064,6 +615,7 @@ fn adapter(
         merged,
         dropout: 0.0,
         rng: rng.clone(),
+        isa,
     }))
 }
 
@@ -1121,6 +673,7 @@ impl Llama {
         if !self.fused_applies() {
             return Ok(None);
         }
+        let isa = Isa::current();
         let cfg = &self.cfg;
         let (b, t) = ids.dims2()?;
         let (hs, vocab) = (cfg.hidden_size, cfg.vocab_size);
@@ -1173,7 +726,7 @@ impl Llama {
                     bias,
                     out,
                     inp,
-                    adapter: adapter(lins[j], w0, out, inp, self.vb.rng())?,
+                    adapter: adapter(lins[j], w0, out, inp, self.vb.rng(), isa)?,
                 })
             };
             layers.push(Layer {
@@ -1200,26 +753,33 @@ impl Llama {
                 }
             }
         }
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_kv_heads());
         let dm = Dims {
-            b,
             t,
             n: b * t,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_kv_heads(),
-            d: hd,
+            heads,
+            kv_heads,
             eps: cfg.rms_norm_eps as f32,
-            window: self.window,
+            attn: Attention {
+                b,
+                t,
+                heads,
+                kv_heads,
+                d: hd,
+                mask: Mask::Causal {
+                    window: self.window,
+                },
+                lens: None,
+                isa,
+            },
             cos,
             sin,
-            tiles: skinny::available(),
+            isa,
         };
         let n = dm.n;
 
         // Forward.
-        let mut x = vec![0f32; n * hs];
-        x.par_chunks_mut(hs)
-            .zip(ids.par_iter())
-            .for_each(|(row, &id)| row.copy_from_slice(&table[id as usize * hs..][..hs]));
+        let mut x = embedding_forward(table, hs, &ids);
         let mut saved = Vec::with_capacity(layers.len());
         for l in &layers {
             let (out, s) = layer_forward(l, x, &dm, Default::default());
@@ -1230,15 +790,15 @@ impl Llama {
                 Kept::All(Box::new(s))
             });
         }
-        let (xf, invf) = rms_forward(&x, wf, dm.eps);
+        let (xf, invf) = rms_norm_forward(isa, &x, wf, dm.eps);
         let mut logits = mm_new((n, vocab, hs), (&xf, hs, 1), (wh, 1, hs), 1.0);
-        let loss_sum = cross_entropy(&mut logits, vocab, &targets);
+        let loss_sum = cross_entropy_inplace(isa, &mut logits, vocab, &targets);
 
         // Backward.
         let dxf = mm_new((n, hs, vocab), (&logits, vocab, 1), (wh, hs, 1), 1.0);
         drop(logits);
         let mut dh = vec![0f32; n * hs];
-        rms_backward(&dxf, &x, &invf, wf, &mut dh);
+        rms_norm_backward(isa, &dxf, &x, &invf, wf, &mut dh, true);
         drop(dxf);
         let mut grads = Vec::new();
         for (li, (l, kept)) in layers.iter().zip(saved).enumerate().rev() {
@@ -1252,7 +812,7 @@ impl Llama {
             l.down
                 .lora_grads(&s.hm, &dh, n, s.drops[6].as_ref(), &mut grads)?;
             drop(s.hm);
-            swiglu_backward(&mut s.g, &mut s.u, &dhm);
+            swiglu_backward(isa, &mut s.g, &mut s.u, &dhm);
             drop(dhm);
             let (dg, du) = (s.g, s.u);
             let mut dxn2 = l.gate.backward_x_new(&dg, n, s.drops[4].as_ref());
@@ -1262,11 +822,13 @@ impl Llama {
             l.up.lora_grads(&s.xn2, &du, n, s.drops[5].as_ref(), &mut grads)?;
             let mut dh1 = dh;
 
-            rms_backward(&dxn2, &s.h1, &s.inv2, l.n2, &mut dh1);
+            rms_norm_backward(isa, &dxn2, &s.h1, &s.inv2, l.n2, &mut dh1, true);
             // Attention.
             let dout = l.o.backward_x_new(&dh1, n, s.drops[3].as_ref());
             l.o.lora_grads(&s.o, &dh1, n, s.drops[3].as_ref(), &mut grads)?;
-            let (dq, dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.p, &dout, &dm);
+            let (mut dq, mut dk, dv) = attention_backward(&s.q, &s.k, &s.v, &s.p, &dout, &dm.attn);
+            dm.rope(&mut dq, heads, true);
+            dm.rope(&mut dk, kv_heads, true);
             l.q.lora_grads(&s.xn, &dq, n, s.drops[0].as_ref(), &mut grads)?;
             l.k.lora_grads(&s.xn, &dk, n, s.drops[1].as_ref(), &mut grads)?;
             l.v.lora_grads(&s.xn, &dv, n, s.drops[2].as_ref(), &mut grads)?;
@@ -1278,7 +840,7 @@ impl Llama {
             l.q.backward_x(&dq, n, &mut dxn, false, s.drops[0].as_ref());
             l.k.backward_x(&dk, n, &mut dxn, true, s.drops[1].as_ref());
             l.v.backward_x(&dv, n, &mut dxn, true, s.drops[2].as_ref());
-            rms_backward(&dxn, &s.x, &s.inv1, l.n1, &mut dh1);
+            rms_norm_backward(isa, &dxn, &s.x, &s.inv1, l.n1, &mut dh1, true);
             dh = dh1;
         }
         Ok(Some(FusedGrads {
@@ -1342,7 +904,7 @@ mod tests {
 
     /// Loss and every adapter gradient agree with candle's autograd through the model's
     /// forward and the causal-LM loss: relative 1e-5 of each tensor's largest magnitude (f32,
-    /// different summation orders).
+    /// different summation orders), with the kernels on every target the CPU runs.
     fn check(model: &Llama) {
         check_on(model, &ids(), &labels());
     }
@@ -1350,33 +912,38 @@ mod tests {
     fn check_on(model: &Llama, ids: &Tensor, labels: &Tensor) -> f64 {
         // Both passes draw the same dropout masks (same stream position, same order).
         let (seed, pos) = model.vb.rng().state();
-        let fused = model
-            .fused_step(ids, labels, FusedOptions::default())
-            .unwrap()
-            .unwrap();
-        model.vb.rng().restore(seed, pos);
         let logits = model.forward_t(ids, true).unwrap();
         let (sum, count) = causal_lm_loss_sum(&logits, labels).unwrap();
-        assert_eq!(fused.count, count);
         let want = sum.to_scalar::<f32>().unwrap() as f64;
-        assert!(
-            (fused.loss_sum - want).abs() <= 1e-5 * want.abs(),
-            "{} vs {want}",
-            fused.loss_sum
-        );
         let g = sum.backward().unwrap();
         let vars = model.trainable_vars();
-        assert_eq!(fused.grads.len(), vars.len());
-        for (v, got) in &fused.grads {
-            let want = g.get(v.as_tensor()).unwrap();
-            let (diff, scale) = crate::ops::testing::diff_and_scale(got, want);
-            assert!(scale > 0.0);
+        let mut loss = 0.0;
+        for isa in Isa::supported() {
+            model.vb.rng().restore(seed, pos);
+            let fused = crate::kernels::with_isa(isa, || {
+                model.fused_step(ids, labels, FusedOptions::default())
+            })
+            .unwrap()
+            .unwrap();
+            assert_eq!(fused.count, count);
             assert!(
-                diff <= 1e-5 * scale,
-                "gradient differs by {diff} (scale {scale})"
+                (fused.loss_sum - want).abs() <= 1e-5 * want.abs(),
+                "{isa}: {} vs {want}",
+                fused.loss_sum
             );
+            assert_eq!(fused.grads.len(), vars.len());
+            for (v, got) in &fused.grads {
+                let want = g.get(v.as_tensor()).unwrap();
+                let (diff, scale) = crate::ops::testing::diff_and_scale(got, want);
+                assert!(scale > 0.0);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{isa}: gradient differs by {diff} (scale {scale})"
+                );
+            }
+            loss = fused.loss_sum;
         }
-        fused.loss_sum
+        loss
     }
 
     const ALL: &[&str] = &[
@@ -1418,7 +985,7 @@ mod tests {
     /// earlier key, or with a sliding window only the last ones.
     #[test]
     fn matches_autograd_across_query_blocks_with_and_without_window() {
-        let t = QBLOCK_GEMM * 2 + 5;
+        let t = 2 * 64 + 5; // many query blocks (`kernels::attention::QBLOCK`)
         let ids: Vec<u32> = (0..2 * t).map(|i| (i * 7 % 31) as u32).collect();
         let ids = Tensor::from_vec(ids, (2, t), &Device::Cpu).unwrap();
         let labels = ids.to_dtype(DType::I64).unwrap();
@@ -1482,13 +1049,16 @@ mod tests {
     }
 
     /// The adapter gradients by the skinny kernels match the plain GEMM path (odd row count,
-    /// rank 11 across two rank groups, with and without a kept `xa`), within f32 rounding.
+    /// rank 11 across two rank groups, with and without a kept `xa`), within f32 rounding, on
+    /// every target.
     #[test]
     fn skinny_lora_grads_match_the_gemm_path() {
-        if !skinny::available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
+        for isa in Isa::supported() {
+            skinny_lora_grads_case(isa);
         }
+    }
+
+    fn skinny_lora_grads_case(isa: Isa) {
         let (n, inp, o, r) = (37, 40, 24, 11);
         let var = |len: usize| {
             Var::from_tensor(&Tensor::zeros(len, DType::F32, &candle_core::Device::Cpu).unwrap())
@@ -1504,6 +1074,7 @@ mod tests {
             merged: Vec::new(),
             dropout: 0.0,
             rng: crate::layers::LoraRng::new(0),
+            isa,
         };
         let (x, dy, xa) = (val(n * inp, 3), val(n * o, 4), val(n * r, 5));
         for saved in [None, Some(&xa[..])] {
@@ -1512,57 +1083,7 @@ mod tests {
             for (got, want) in [(&da, &wa), (&db, &wb)] {
                 assert_eq!(got.len(), want.len());
                 for (g, w) in got.iter().zip(want.iter()) {
-                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
-                }
-            }
-        }
-    }
-
-    /// Attention through the AVX-512 tiles matches it through the GEMM (values and the three
-    /// gradients): grouped heads, a sequence over two query blocks, with and without a
-    /// sliding window; within f32 rounding.
-    #[test]
-    fn attention_tiles_match_the_gemm_path() {
-        if !skinny::available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
-        }
-        let (b, t, heads, kv_heads, d) = (2, 77, 4, 2, 32);
-        let (q, k, v) = (
-            val(b * t * heads * d, 1),
-            val(b * t * kv_heads * d, 2),
-            val(b * t * kv_heads * d, 3),
-        );
-        let dout = val(b * t * heads * d, 4);
-        for window in [None, Some(20)] {
-            let dims = |tiles: bool| Dims {
-                b,
-                t,
-                n: b * t,
-                heads,
-                kv_heads,
-                d,
-                eps: 1e-6,
-                window,
-                cos: val(t * d, 5),
-                sin: val(t * d, 6),
-                tiles,
-            };
-            let (gemm, tiles) = (dims(false), dims(true));
-            let (pg, og) = attention_forward(&q, &k, &v, &gemm);
-            let (pt, ot) = attention_forward(&q, &k, &v, &tiles);
-            let bg = attention_backward(&q, &k, &v, &pg, &dout, &gemm);
-            let bt = attention_backward(&q, &k, &v, &pt, &dout, &tiles);
-            for (got, want) in [
-                (&pt, &pg),
-                (&ot, &og),
-                (&bt.0, &bg.0),
-                (&bt.1, &bg.1),
-                (&bt.2, &bg.2),
-            ] {
-                assert_eq!(got.len(), want.len());
-                for (g, w) in got.iter().zip(want.iter()) {
-                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{isa}: {g} vs {w}");
                 }
             }
         }

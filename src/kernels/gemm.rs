@@ -209,57 +209,6 @@ fn new_product(
     dst
 }
 
-/// `dst (m×n at row stride dst_rs) = read·dst + beta·lhs·rhs` on the calling thread, into an
-/// output given by its first element, for callers whose threads write disjoint blocks of one
-/// buffer. Panics if an operand is too short.
-///
-/// # Safety
-/// `dst` must be valid for writes (and, when `read_dst`, reads of initialised values) of rows
-/// `0..m` × columns `0..n` at row stride `dst_rs ≥ n`, with nothing else accessing them during
-/// the call.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_f32_to(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    read_dst: bool,
-    lhs: &[f32],
-    lhs_st: (usize, usize),
-    rhs: &[f32],
-    rhs_st: (usize, usize),
-    beta: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let out = Out {
-        ptr: dst,
-        rs: dst_rs,
-    };
-    if k == 0 {
-        if !read_dst {
-            for i in 0..m {
-                // SAFETY: row i's n elements are the caller's block.
-                unsafe { std::ptr::write_bytes(out.at(i, 0).ptr, 0, n) };
-            }
-        }
-        return;
-    }
-    check_extents(m, n, k, lhs, lhs_st, rhs, rhs_st);
-    // SAFETY: the caller's contract on `dst`; the operands' extents are checked above.
-    unsafe {
-        gemm_raw(
-            (m, n, k),
-            out,
-            read_dst,
-            (lhs, lhs_st.0, lhs_st.1),
-            (rhs, rhs_st.0, rhs_st.1),
-            beta,
-            None,
-        )
-    }
-}
-
 /// candle's thread count.
 fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)

@@ -1,9 +1,9 @@
-//! Vectorised f32 slice math for the fused kernels: `exp`, sum / max / dot reductions, and
-//! [`vectorised`], which runs a closure's element-wise loops compiled for AVX-512 where the CPU
-//! has it (the crate is built for baseline x86-64, whose vectors are 4 lanes wide).
+//! Vectorised f32 slice math for the kernels: `exp`, sum / max / dot reductions. They are
+//! written as plain loops and inlined into the callers' [`vectorised`](super::vectorised) closures, which compile
+//! them for the chosen [`Isa`](super::Isa) (16, 8 or 4 lanes).
 //!
-//! Reductions keep 16 partial results (one AVX-512 register, four SSE ones) so the compiler
-//! can vectorise them; a plain `iter().sum()` must add in order and runs one element per
+//! Reductions keep 16 partial results (one AVX-512 register, two AVX2 ones, four SSE ones) so
+//! the compiler can vectorise them; a plain `iter().sum()` must add in order and runs one element per
 //! add latency. The order of additions differs from a sequential sum (rounding only).
 //!
 //! ## exp
@@ -12,8 +12,8 @@
 //! the softmaxes, SiLU and cross-entropy spent more time in it than in any op but the matrix
 //! products. This is Cephes' `expf` (range reduction `x = n·ln 2 + r` with `ln 2` split in two,
 //! a degree-6 polynomial for `e^r`, and `2^n` put into the exponent bits) written without
-//! branches so the compiler vectorises it; loops over it inside [`vectorised`] run 16 lanes
-//! wide on CPUs with AVX-512. Error ≤ 2 ulp against `f64::exp` (tested); results below
+//! branches so the compiler vectorises it; loops over it inside [`vectorised`](super::vectorised) run as wide as
+//! the target's vectors. Error ≤ 2 ulp against `f64::exp` (tested); results below
 //! `−87.33` (where `e^x` is subnormal) are 0, above `88` `+∞`, NaN stays NaN.
 
 /// Largest input with a finite, non-overflowing `2^n` scale.
@@ -21,8 +21,8 @@ const HI: f32 = 88.0;
 /// `ln(f32::MIN_POSITIVE)`: below it the result would be subnormal; 0 is returned.
 const LO: f32 = -87.336_55;
 
-/// `e^x` of one value, branch-free (see the module doc); inside [`vectorised`] loops it
-/// compiles to AVX-512.
+/// `e^x` of one value, branch-free (see the module doc); inside [`vectorised`](super::vectorised) loops it
+/// compiles to the target's vectors.
 #[inline(always)]
 pub(crate) fn exp1(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
@@ -47,28 +47,6 @@ pub(crate) fn exp1(x: f32) -> f32 {
     } else {
         y
     }
-}
-
-/// Runs `f` compiled for AVX-512 when the CPU has it, else as it is: `f` is inlined into a
-/// function built with the feature, so the element-wise loops in it (over [`exp1`], divisions,
-/// products) are vectorised 16 lanes wide instead of the baseline's 4.
-///
-/// Pass the closure as `#[inline(always)] || …`: LLVM may otherwise leave a large closure out
-/// of line, compiled for the baseline (RMSNorm's backward ran on 4-lane SSE that way).
-#[inline(always)]
-pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F, checked just above.
-        return unsafe { run_avx512(f) };
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
 }
 
 /// Lanes of the partial reductions.
@@ -145,37 +123,51 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::isa::vectorised;
+    use crate::kernels::Isa;
 
-    /// `x ← e^x` as the fused kernels run it (inside [`vectorised`]).
-    fn exp_inplace(x: &mut [f32]) {
+    /// `x ← e^x` as the kernels run it (inside [`vectorised`]).
+    fn exp_inplace(isa: Isa, x: &mut [f32]) {
         vectorised(
+            isa,
             #[inline(always)]
             || x.iter_mut().for_each(|v| *v = exp1(*v)),
         );
     }
 
-    /// Within 2 ulp of the f64 result over the whole finite range, on both code paths.
+    /// Within 2 ulp of the f64 result over the whole finite range, on every target and the
+    /// scalar call.
     #[test]
     fn matches_f64_exp_within_two_ulp() {
+        for isa in Isa::supported() {
+            exp_within_two_ulp(isa);
+        }
+    }
+
+    fn exp_within_two_ulp(isa: Isa) {
         let xs: Vec<f32> = (0..200_001)
             .map(|i| LO + (HI - LO) * i as f32 / 200_000.0)
             .chain([0.0, -0.0, 1.0, -1.0, 1e-8, -1e-8, 0.5, 20.0])
             .collect();
         let mut vectorised = xs.clone();
-        exp_inplace(&mut vectorised);
+        exp_inplace(isa, &mut vectorised);
         let scalar: Vec<f32> = xs.iter().map(|&x| exp1(x)).collect();
         for ((&x, &a), &b) in xs.iter().zip(&vectorised).zip(&scalar) {
             let want = (x as f64).exp();
             for got in [a, b] {
                 let ulp = (want as f32).abs() * f32::EPSILON;
                 let err = (got as f64 - want).abs();
-                assert!(err <= 2.0 * ulp as f64, "exp({x}) = {got}, want {want}");
+                assert!(
+                    err <= 2.0 * ulp as f64,
+                    "{isa}: exp({x}) = {got}, want {want}"
+                );
             }
         }
         assert_eq!(exp1(0.0), 1.0);
     }
 
-    /// Sum, max, dot and dot3 equal their f64 results for lengths around the lane count.
+    /// Sum, max, dot and dot3 equal their f64 results for lengths around the lane count, on
+    /// every target.
     #[test]
     fn reductions_match_f64() {
         for n in [0usize, 1, 5, 15, 16, 17, 33, 100, 1000] {
@@ -193,25 +185,32 @@ mod tests {
                 .map(|(&x, &y)| x as f64 * y as f64 * x as f64)
                 .sum();
             let m = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert!(
-                (sum(&a) as f64 - s64).abs() <= 1e-5 * (1.0 + s64.abs()),
-                "sum n={n}"
-            );
-            assert!(
-                (dot(&a, &b) as f64 - d64).abs() <= 1e-5 * (1.0 + d64.abs()),
-                "dot n={n}"
-            );
-            assert!(
-                (dot3(&a, &b, &a) as f64 - t64).abs() <= 1e-5 * (1.0 + t64.abs()),
-                "dot3 n={n}"
-            );
-            assert_eq!(max(&a), m, "max n={n}");
+            for isa in Isa::supported() {
+                let (s, d, t, mx) = vectorised(
+                    isa,
+                    #[inline(always)]
+                    || (sum(&a), dot(&a, &b), dot3(&a, &b, &a), max(&a)),
+                );
+                assert!(
+                    (s as f64 - s64).abs() <= 1e-5 * (1.0 + s64.abs()),
+                    "{isa} sum n={n}"
+                );
+                assert!(
+                    (d as f64 - d64).abs() <= 1e-5 * (1.0 + d64.abs()),
+                    "{isa} dot n={n}"
+                );
+                assert!(
+                    (t as f64 - t64).abs() <= 1e-5 * (1.0 + t64.abs()),
+                    "{isa} dot3 n={n}"
+                );
+                assert_eq!(mx, m, "{isa} max n={n}");
+            }
         }
     }
 
     #[test]
     fn saturates_to_zero_and_infinity_and_keeps_nan() {
-        let mut v = [
+        let v = [
             -1000.0,
             -88.0,
             89.0,
@@ -219,8 +218,11 @@ mod tests {
             f32::NEG_INFINITY,
             f32::NAN,
         ];
-        exp_inplace(&mut v);
-        assert_eq!(&v[..5], &[0.0, 0.0, f32::INFINITY, f32::INFINITY, 0.0]);
-        assert!(v[5].is_nan());
+        for isa in Isa::supported() {
+            let mut v = v;
+            exp_inplace(isa, &mut v);
+            assert_eq!(&v[..5], &[0.0, 0.0, f32::INFINITY, f32::INFINITY, 0.0]);
+            assert!(v[5].is_nan(), "{isa}");
+        }
     }
 }

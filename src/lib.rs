@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod algebra;
 pub mod alloc;
 pub mod bench;
 pub mod builder;

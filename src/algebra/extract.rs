@@ -1,7 +1,7 @@
 //! `extract`: a LoRA adapter from a full fine-tune, by truncated SVD of each weight's change.
 //!
 //! For every 2-D `<module>.weight` that differs between the base and the tuned checkpoint,
-//! `D = W_tuned − W_base` (`[out, in]`, in f64) has the SVD `D = U·Σ·Vᵀ`; keeping the `k`
+//! `D = W_tuned − W_base` (`[out, in]`, f32, decomposed in f64) has the SVD `D = U·Σ·Vᵀ`; keeping the `k`
 //! largest singular values gives the best rank-`k` approximation (Eckart–Young) as a LoRA
 //!
 //! `B = U_k·√Σ_k` `[out, k]`, `A = √Σ_k·V_kᵀ` `[k, in]`, `lora_alpha = k` (scale 1),
@@ -24,7 +24,8 @@
 //! different shapes, and changed 2-D weights outside `target_modules`. With `strict` any of
 //! them is an error instead. (PEFT could carry norms in `modules_to_save` and biases with
 //! `bias: "all"`, but this library's loader does not read either yet, so they are not
-//! written.) The SVDs are faer's, one module per rayon task.
+//! written.) The SVDs are faer's, one module per rayon task: a full SVD of every changed weight,
+//! O(out·in·min(out, in)) each, holding about five `out × in` f64 matrices per task.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
@@ -313,10 +314,11 @@ fn extract_module(
 ) -> Result<Option<(ModuleAdapter, ExtractedModule)>> {
     let name = format!("{module}.weight");
     let load = |c: &Checkpoint| -> Result<Tensor> {
-        Ok(c.tensor(&name, &Device::Cpu)?.to_dtype(DType::F64)?)
+        Ok(c.tensor(&name, &Device::Cpu)?.to_dtype(DType::F32)?)
     };
+    // In f32: exact for f16/bf16 checkpoints, within half an ulp of D for f32 ones.
     let d = (load(tuned)? - load(base)?)?;
-    crate::layers::check_finite(&d.to_dtype(DType::F32)?, &name, "tuned − base")?;
+    crate::layers::check_finite(&d, &name, "tuned − base")?;
     let kind = kind_of(module);
     let shape = d.dims().to_vec();
     // The B·A form: [out, in] for a linear, Dᵀ = [dim, vocab] for an embedding.
@@ -326,12 +328,15 @@ fn extract_module(
         d
     };
     let (rows, cols) = d.dims2()?;
-    let v: Vec<f64> = d.flatten_all()?.to_vec1()?;
+    let v: Vec<f32> = d.flatten_all()?.to_vec1()?;
+    drop(d);
     if v.iter().all(|x| *x == 0.0) {
         return Ok(None);
     }
-    let m = faer::Mat::from_fn(rows, cols, |i, j| v[i * cols + j]);
+    let m = super::mat_from(&v, rows, cols);
+    drop(v);
     let svd = super::thin_svd(m.as_ref(), &name)?;
+    drop(m);
     let full = svd.s.len();
     let k = match rank {
         RankSpec::Fixed(n) => n.min(full),

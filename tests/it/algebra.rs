@@ -193,7 +193,7 @@ fn combine_every_fixture_method_gives_peft_updates_and_config() {
         for (k, m) in &c.modules {
             let pm = &p.modules[k];
             if dir == "cat" && m.rank() != pm.rank() {
-                assert_eq!(k.ends_with("o_proj"), true, "{k}: only o_proj is padded");
+                assert!(k.ends_with("o_proj"), "{k}: only o_proj is padded");
                 assert_eq!(c.config.rank_for(k), m.rank());
                 assert_eq!(c.scale_for(k).unwrap(), 1.0);
             } else {

@@ -124,6 +124,17 @@ pub enum Error {
     #[error("{0}")]
     State(String),
 
+    // === Adapter algebra ===
+    /// `lora combine` / `lora extract` refuse their inputs or options (PEFT would refuse them
+    /// too, or its result would be wrong).
+    #[error("{op}: {reason}")]
+    Algebra {
+        /// The operation (`combine`, `extract`).
+        op: &'static str,
+        /// What is wrong, naming the adapter, module, field or option.
+        reason: String,
+    },
+
     // === Engine ===
     /// An error from the candle tensor engine.
     #[error(transparent)]

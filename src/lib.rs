@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod algebra;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod app;

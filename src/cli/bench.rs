@@ -32,7 +32,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let runs = usize::try_from(a.runs)?;
     let mut res = serde_json::Map::new();
     res.insert("candle".into(), "0.11".into());
-    res.insert("cpu".into(), lora::bench::cpu_info());
+    res.insert("cpu".into(), lora::app::bench::cpu_info());
     res.insert(
         "threads".into(),
         candle_core::utils::get_num_threads().into(),

@@ -3,7 +3,9 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod combine;
 mod demo;
+mod extract;
 mod generate;
 mod inspect;
 mod logits;
@@ -42,6 +44,11 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Complete a prompt with a Llama-family model, streaming the tokens.
     Generate(generate::GenerateArgs),
+    /// Combine adapters into one, as PEFT's add_weighted_adapter: linear, cat, svd, ties,
+    /// dare_linear, dare_ties, magnitude_prune (and *_svd).
+    Combine(Box<combine::CombineArgs>),
+    /// Extract a LoRA adapter from a full fine-tune: truncated SVD of each changed weight.
+    Extract(Box<extract::ExtractArgs>),
 }
 
 /// Runs the parsed command.
@@ -56,5 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(*a),
+        Command::Combine(a) => combine::run(*a),
+        Command::Extract(a) => extract::run(*a),
     }
 }

@@ -1,5 +1,6 @@
 //! The single integration-test binary; one module per area.
 
+mod algebra;
 mod backprop;
 mod bad_input;
 mod common;

@@ -283,7 +283,7 @@ pub fn combine(
         modules.insert(name.clone(), m);
     }
     let config = new_config(inputs, new_rank, &modules)?;
-    let adapter = Adapter { config, modules };
+    let adapter = Adapter { config, modules, ..Default::default() };
     for (name, m) in &adapter.modules {
         if !adapter.config.is_target(name, m.kind)? {
             return Err(refuse(format!(
@@ -720,6 +720,7 @@ mod tests {
         Adapter {
             config: LoraConfig::new(r, alpha, &["m"]),
             modules: BTreeMap::from([("m".to_string(), m)]),
+            ..Default::default()
         }
     }
 

@@ -276,7 +276,7 @@ pub fn extract(
         )));
     }
     let config = config_for(&modules, &all_2d)?;
-    let adapter = Adapter { config, modules };
+    let adapter = Adapter { config, modules, ..Default::default() };
     let replaced_params = report_modules
         .iter()
         .map(|m| m.shape.iter().product::<usize>())

@@ -83,7 +83,7 @@ pub(crate) fn svd_of_product(
 /// A `rank_pattern` / `alpha_pattern` key that matches exactly `module` under PEFT's
 /// `re.match(rf"(.*\.)?({key})$", name)`: the name with regex metacharacters escaped.
 pub(crate) fn exact_pattern_key(module: &str) -> String {
-    regex::escape(module)
+    fancy_regex::escape(module).into_owned()
 }
 
 /// Writes `adapter` as a PEFT adapter folder at `out`: into a temporary sibling folder, then

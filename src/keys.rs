@@ -5,6 +5,7 @@
 //! base_model.model.<module>.lora_B.weight       linear / conv B
 //! base_model.model.<module>.lora_embedding_A    embedding A (no `.weight`)
 //! base_model.model.<module>.lora_embedding_B    embedding B
+//! base_model.model.<module>.lora_magnitude_vector  DoRA's magnitude m (no `.weight`)
 //! ```
 //!
 //! On load the `base_model.model.` prefix is optional (the transformers/diffusers form) and an
@@ -26,6 +27,8 @@ pub enum Factor {
     EmbeddingA,
     /// `lora_embedding_B`.
     EmbeddingB,
+    /// `lora_magnitude_vector` (DoRA).
+    Magnitude,
 }
 
 impl Factor {
@@ -36,6 +39,7 @@ impl Factor {
             Factor::B => "lora_B.weight",
             Factor::EmbeddingA => "lora_embedding_A",
             Factor::EmbeddingB => "lora_embedding_B",
+            Factor::Magnitude => "lora_magnitude_vector",
         }
     }
 }
@@ -47,7 +51,6 @@ pub fn format(module: &str, factor: Factor) -> String {
 
 /// Key suffixes PEFT writes for features this library does not implement, with the feature.
 const UNSUPPORTED_SUFFIXES: &[(&str, &str)] = &[
-    (".lora_magnitude_vector", "use_dora"),
     (".lora_B.bias", "lora_bias"),
     (".base_layer.bias", "bias"),
     (".base_layer.weight", "save_embedding_layers"),
@@ -58,12 +61,19 @@ const UNSUPPORTED_SUFFIXES: &[(&str, &str)] = &[
 /// [`Error::UnsupportedFeature`]; any other key is an [`Error::UnusedTensor`].
 pub fn parse(key: &str, file: &std::path::Path) -> Result<(String, Factor)> {
     let path = key.strip_prefix(PREFIX).unwrap_or(key);
-    for f in [Factor::A, Factor::B, Factor::EmbeddingA, Factor::EmbeddingB] {
+    for f in [
+        Factor::A,
+        Factor::B,
+        Factor::EmbeddingA,
+        Factor::EmbeddingB,
+        Factor::Magnitude,
+    ] {
         let (stem, leaf) = match f {
             Factor::A => ("lora_A", ".weight"),
             Factor::B => ("lora_B", ".weight"),
             Factor::EmbeddingA => ("lora_embedding_A", ""),
             Factor::EmbeddingB => ("lora_embedding_B", ""),
+            Factor::Magnitude => ("lora_magnitude_vector", ""),
         };
         let Some(rest) = path.strip_suffix(leaf) else {
             continue;
@@ -110,6 +120,7 @@ mod tests {
             ("blocks.1.v", Factor::B),
             ("model.embed_tokens", Factor::EmbeddingA),
             ("emb", Factor::EmbeddingB),
+            ("model.layers.0.mlp.down_proj", Factor::Magnitude),
         ] {
             let key = format(module, factor);
             assert_eq!(parse(&key, f).unwrap(), (module.to_string(), factor));
@@ -144,13 +155,6 @@ mod tests {
     #[test]
     fn unsupported_and_unknown_keys_are_named() {
         let f = Path::new("adapter_model.safetensors");
-        let e = parse("base_model.model.lin1.lora_magnitude_vector", f)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("use_dora") && e.contains("lin1.lora_magnitude_vector"),
-            "{e}"
-        );
         let e = parse("base_model.model.lin1.lora_B.bias", f)
             .unwrap_err()
             .to_string();

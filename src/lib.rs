@@ -11,6 +11,7 @@ pub mod bench;
 pub mod builder;
 pub mod checkpoint;
 pub mod config;
+pub mod convert;
 pub mod demo;
 pub mod error;
 pub mod keys;

@@ -3,7 +3,9 @@
 //! For every adapted module, `<module>.weight ± ΔW` with ΔW from [`crate::ModuleAdapter::delta_weight`]
 //! (linear `s·B·A`, transposed when `fan_in_fan_out`; embedding `s·(B·A)ᵀ`; conv
 //! `s·einsum(or,rikl->oikl)`), `s` per module from rsLoRA and the patterns, computed in f32 and
-//! written in the base's dtype. Every other tensor is copied byte for byte. The base is
+//! written in the base's dtype. DoRA adapters merge as `k ⊙ (W + ΔW)`, `k = m/‖W + ΔW‖`
+//! ([`crate::layers::dora`]); they cannot be unmerged from a merged checkpoint, because the
+//! norm needs the original `W` (refused with a one-line error). Every other tensor is copied byte for byte. The base is
 //! memory-mapped and only one tensor is held at a time; sharded checkpoints keep their shard
 //! layout and index. Outputs are written to a temporary file or folder and renamed into place,
 //! so an interrupted merge leaves nothing under the output name, and the base is only read.
@@ -83,6 +85,15 @@ pub fn merge_checkpoint(
     out: &Path,
     opts: MergeOptions,
 ) -> Result<MergeReport> {
+    if opts.direction == Direction::Unmerge && adapter.config.use_dora {
+        return Err(Error::UnsupportedFeature {
+            feature: "use_dora".into(),
+            detail: "unmerging a DoRA adapter: the merged weight m·(W+ΔW)/‖W+ΔW‖ cannot be \
+                     inverted without the original W (its row norms are lost); keep the base \
+                     checkpoint instead"
+                .into(),
+        });
+    }
     let ckpt = Checkpoint::open(base)?;
     let weights_file = if base.is_file() {
         base.to_path_buf()
@@ -124,14 +135,20 @@ impl Deltas<'_> {
             .filter(|m| self.adapter.modules.contains_key(*m))
     }
 
-    /// `base ± ΔW` in f32.
+    /// `base ± ΔW` in f32 (DoRA: `k ⊙ (base + ΔW)`, merge only).
     fn apply(&self, module: &str, base: &Tensor) -> Result<Tensor> {
         let m = &self.adapter.modules[module];
-        let delta = m.delta_weight(
+        let (scale, fifo) = (
             self.adapter.scale_for(module)?,
             self.adapter.config.fan_in_fan_out,
-        )?;
-        let out = (base.to_dtype(DType::F32)? + (delta * self.direction.sign())?)?;
+        );
+        let out = match self.direction {
+            Direction::Merge => m.merged_weight(base, scale, fifo)?,
+            Direction::Unmerge => {
+                let delta = m.delta_weight(scale, fifo)?;
+                (base.to_dtype(DType::F32)? + (delta * self.direction.sign())?)?
+            }
+        };
         check_finite(&out, module, "merging the adapter into the base weight")?;
         Ok(out)
     }
@@ -311,6 +328,7 @@ pub fn summary(adapter: &Adapter) -> Result<Vec<ModuleSummary>> {
                 alpha: adapter.config.alpha_for(name),
                 scale: adapter.scale_for(name)?,
                 params: m.num_params(),
+                magnitude_shape: m.magnitude.as_ref().map(|t| t.dims().to_vec()),
             })
         })
         .collect()
@@ -333,8 +351,10 @@ pub struct ModuleSummary {
     pub alpha: f64,
     /// The scale s.
     pub scale: f64,
-    /// |A| + |B|.
+    /// |A| + |B| (+ |m| with DoRA).
     pub params: usize,
+    /// Shape of DoRA's magnitude vector m, when the adapter uses DoRA.
+    pub magnitude_shape: Option<Vec<usize>>,
 }
 
 /// The base tensors' names and shapes, for error hints.

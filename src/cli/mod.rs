@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod convert_init;
 mod demo;
 mod generate;
 mod inspect;
@@ -38,6 +39,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Fine-tune a model with LoRA (or fully) on a JSONL file.
     Train(Box<train::TrainArgs>),
+    /// Turn a PiSSA / OLoRA adapter (trained on the residual base) into a plain rank-2r LoRA
+    /// for the original base.
+    ConvertInit(convert_init::ConvertInitArgs),
     /// Run a Llama-family model (optionally with an adapter) on token ids; write the logits.
     Logits(logits::LogitsArgs),
     /// Complete a prompt with a Llama-family model, streaming the tokens.
@@ -56,5 +60,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(*a),
+        Command::ConvertInit(a) => convert_init::run(a),
     }
 }

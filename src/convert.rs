@@ -28,10 +28,11 @@ pub fn convert_init(initial: &Adapter, trained: &Adapter) -> Result<Adapter> {
         ));
     }
     if cfg.use_dora || initial.config.use_dora {
-        return Err(Error::UnsupportedFeature {
-            feature: "use_dora".into(),
-            detail: "convert-init of a DoRA adapter: ΔW = B·A − B0·A0 ignores the magnitude".into(),
-        });
+        return Err(Error::State(
+            "convert-init refuses DoRA adapters (use_dora: true): ΔW = B·A − B0·A0 would ignore \
+             the magnitude vector"
+                .into(),
+        ));
     }
     let names = |a: &Adapter| a.modules.keys().cloned().collect::<Vec<_>>();
     if names(initial) != names(trained) {

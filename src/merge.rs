@@ -86,13 +86,12 @@ pub fn merge_checkpoint(
     opts: MergeOptions,
 ) -> Result<MergeReport> {
     if opts.direction == Direction::Unmerge && adapter.config.use_dora {
-        return Err(Error::UnsupportedFeature {
-            feature: "use_dora".into(),
-            detail: "unmerging a DoRA adapter: the merged weight m·(W+ΔW)/‖W+ΔW‖ cannot be \
-                     inverted without the original W (its row norms are lost); keep the base \
-                     checkpoint instead"
+        return Err(Error::State(
+            "a DoRA adapter (use_dora: true) cannot be unmerged: the merged weight \
+             m·(W+ΔW)/‖W+ΔW‖ cannot be inverted without the original W (its row norms are lost); \
+             keep the base checkpoint instead"
                 .into(),
-        });
+        ));
     }
     let ckpt = Checkpoint::open(base)?;
     let weights_file = if base.is_file() {

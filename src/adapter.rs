@@ -33,6 +33,9 @@ pub struct ModuleAdapter {
     pub a: Tensor,
     /// `lora_B` (`[out, r]`, `[dim, r]` or `[out, r, 1, 1]`).
     pub b: Tensor,
+    /// DoRA's `lora_magnitude_vector` m (`[out]`, `[dim]` or `[1, out, 1, 1]`), present exactly
+    /// when the config has `use_dora: true`.
+    pub magnitude: Option<Tensor>,
 }
 
 impl ModuleAdapter {
@@ -41,9 +44,39 @@ impl ModuleAdapter {
         self.a.dims()[0]
     }
 
-    /// Trainable parameter count.
+    /// Trainable parameter count (|A| + |B| (+ |m|)).
     pub fn num_params(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count()
+        self.a.elem_count()
+            + self.b.elem_count()
+            + self.magnitude.as_ref().map_or(0, Tensor::elem_count)
+    }
+
+    /// The axis of the base weight that DoRA's magnitude runs along (see
+    /// [`crate::layers::dora`]): rows of a linear or conv weight, columns of an embedding table
+    /// or of a `fan_in_fan_out` weight `[in, out]`.
+    pub fn dora_axis(&self, fan_in_fan_out: bool) -> crate::layers::dora::NormAxis {
+        use crate::layers::dora::NormAxis;
+        match self.kind {
+            ModuleKind::Linear if fan_in_fan_out => NormAxis::Last,
+            ModuleKind::Embedding => NormAxis::Last,
+            _ => NormAxis::First,
+        }
+    }
+
+    /// The merged weight in f32: `base + ΔW`, or with DoRA `k ⊙ (base + ΔW)`,
+    /// `k = m/‖base + ΔW‖` ([`crate::layers::dora::merged_weight`]).
+    pub fn merged_weight(&self, base: &Tensor, scale: f64, fan_in_fan_out: bool) -> Result<Tensor> {
+        let delta = self.delta_weight(scale, fan_in_fan_out)?;
+        match &self.magnitude {
+            None => Ok((base.to_dtype(DType::F32)? + delta)?),
+            Some(m) => Ok(crate::layers::dora::merged_weight(
+                base,
+                &delta,
+                m,
+                self.dora_axis(fan_in_fan_out),
+            )?
+            .0),
+        }
     }
 
     /// The weight update in the base weight's layout, f32: linear `s·B·A` `[out, in]`
@@ -213,6 +246,24 @@ impl Adapter {
                 ignored.push(keys::format(&name, Factor::BaseWeight));
             }
         }
+        for (name, m) in &modules {
+            match (config.use_dora, m.magnitude.is_some()) {
+                (true, false) => {
+                    return Err(Error::MissingTensor {
+                        key: keys::format(name, Factor::Magnitude),
+                        file: Some(weights),
+                    })
+                }
+                (false, true) => {
+                    return Err(Error::UnusedTensor {
+                        key: keys::format(name, Factor::Magnitude),
+                        file: weights,
+                        hint: "a DoRA magnitude, but the config has use_dora: false".into(),
+                    })
+                }
+                _ => {}
+            }
+        }
         if modules.is_empty() {
             return Err(Error::Config(format!(
                 "{}: target_modules matches none of the {} modules in {}, so PEFT would load nothing",
@@ -243,6 +294,12 @@ impl Adapter {
             };
             tensors.insert(keys::format(name, fa), m.a.to_dtype(DType::F32)?);
             tensors.insert(keys::format(name, fb), m.b.to_dtype(DType::F32)?);
+            if let Some(mag) = &m.magnitude {
+                tensors.insert(
+                    keys::format(name, Factor::Magnitude),
+                    mag.to_dtype(DType::F32)?,
+                );
+            }
         }
         for (name, t) in &self.base_layers {
             tensors.insert(
@@ -363,6 +420,7 @@ fn module_from_parts(
         key: keys::format(&name, factor),
         file: Some(path.into()),
     };
+    let magnitude = f.remove(&Factor::Magnitude);
     let (kind, a, b) = if f.contains_key(&Factor::EmbeddingA) || f.contains_key(&Factor::EmbeddingB)
     {
         let a = f
@@ -409,7 +467,29 @@ fn module_from_parts(
             what: format!("lora_B for lora_A of shape {:?} (rank {r})", a.dims()),
         });
     }
-    Ok(ModuleAdapter { kind, a, b })
+    if let Some(m) = &magnitude {
+        let out = b.dims()[0];
+        let want: &[usize] = match kind {
+            ModuleKind::Conv2d => &[1, out, 1, 1],
+            _ => &[out],
+        };
+        if m.dims() != want {
+            return Err(Error::ShapeMismatch {
+                key: keys::format(&name, Factor::Magnitude),
+                got: m.dims().to_vec(),
+                what: format!(
+                    "DoRA's magnitude for lora_B of shape {:?} (expected {want:?})",
+                    b.dims()
+                ),
+            });
+        }
+    }
+    Ok(ModuleAdapter {
+        kind,
+        a,
+        b,
+        magnitude,
+    })
 }
 
 /// PEFT 0.21.2 writes every field of its `LoraConfig`; fill those the config lacks with PEFT's

@@ -85,6 +85,8 @@ struct Registered {
     /// The frozen base weight of an embedding layer (`embed_tokens`, `lm_head`), which PEFT
     /// saves as `<module>.base_layer.weight` when the config targets one.
     base: Option<Tensor>,
+    /// DoRA's magnitude vector m.
+    magnitude: Option<Var>,
 }
 
 /// PEFT's `EMBEDDING_LAYER_NAMES` (`utils/constants.py`).
@@ -345,27 +347,35 @@ impl LoraBuilder {
             use_rslora: cfg.use_rslora,
             dropout: cfg.lora_dropout as f32,
             init: cfg.init_lora_weights.clone(),
+            use_dora: cfg.use_dora,
         };
         Ok(Some((spec, loaded)))
     }
 
-    fn register(&self, kind: ModuleKind, vars: Vec<Var>, base: &Tensor) {
-        if let [a, b] = vars.as_slice() {
-            let name = self.name();
-            let leaf = self.path.last().map_or("", String::as_str);
-            let base = EMBEDDING_LAYER_NAMES.contains(&leaf).then(|| base.clone());
-            let mut st = self.state();
-            st.adapters.insert(
-                name.clone(),
-                Registered {
-                    kind,
-                    a: a.clone(),
-                    b: b.clone(),
-                    base,
-                },
-            );
-            st.trainable.push((format!("{name}.lora_A"), a.clone()));
-            st.trainable.push((format!("{name}.lora_B"), b.clone()));
+    /// Records an adapter's variables: A, B and (DoRA) m, named `<module>.lora_A`,
+    /// `<module>.lora_B`, `<module>.lora_magnitude_vector`, and (embedding layers) the frozen
+    /// base weight PEFT saves as `<module>.base_layer.weight`.
+    fn register(&self, kind: ModuleKind, lora: Option<&crate::layers::LowRank>, base: &Tensor) {
+        let Some(l) = lora else { return };
+        let name = self.name();
+        let leaf = self.path.last().map_or("", String::as_str);
+        let base = EMBEDDING_LAYER_NAMES.contains(&leaf).then(|| base.clone());
+        let mut st = self.state();
+        st.adapters.insert(
+            name.clone(),
+            Registered {
+                kind,
+                a: l.a.clone(),
+                b: l.b.clone(),
+                base,
+                magnitude: l.magnitude.clone(),
+            },
+        );
+        st.trainable.push((format!("{name}.lora_A"), l.a.clone()));
+        st.trainable.push((format!("{name}.lora_B"), l.b.clone()));
+        if let Some(m) = &l.magnitude {
+            st.trainable
+                .push((format!("{name}.lora_magnitude_vector"), m.clone()));
         }
     }
 
@@ -462,22 +472,25 @@ impl LoraBuilder {
         let layer = match plan {
             None => LoraLinear::frozen(w, b),
             Some((spec, None)) => LoraLinear::new(w, b, &spec, &self.inner.rng, &self.name())?,
-            Some((spec, Some(m))) => LoraLinear::from_adapter(
-                w,
-                b,
-                m.a,
-                m.b,
-                spec.scale(),
-                spec.dropout,
-                &self.name(),
-                &self.inner.rng,
-            )?,
+            Some((spec, Some(m))) => {
+                let l = LoraLinear::from_adapter(
+                    w,
+                    b,
+                    m.a,
+                    m.b,
+                    spec.scale(),
+                    spec.dropout,
+                    &self.name(),
+                    &self.inner.rng,
+                )?;
+                if spec.use_dora {
+                    l.with_dora(m.magnitude)?
+                } else {
+                    l
+                }
+            }
         };
-        self.register(
-            ModuleKind::Linear,
-            layer.lora().map(|l| l.vars()).unwrap_or_default(),
-            &base,
-        );
+        self.register(ModuleKind::Linear, layer.lora(), &base);
         Ok(layer)
     }
 
@@ -501,14 +514,15 @@ impl LoraBuilder {
             None => LoraEmbedding::frozen(t),
             Some((spec, None)) => LoraEmbedding::new(t, &spec, &self.inner.rng, &self.name())?,
             Some((spec, Some(m))) => {
-                LoraEmbedding::from_adapter(t, m.a, m.b, spec.scale(), &self.name())?
+                let e = LoraEmbedding::from_adapter(t, m.a, m.b, spec.scale(), &self.name())?;
+                if spec.use_dora {
+                    e.with_dora(m.magnitude)?
+                } else {
+                    e
+                }
             }
         };
-        self.register(
-            ModuleKind::Embedding,
-            layer.lora().map(|l| l.vars()).unwrap_or_default(),
-            &base,
-        );
+        self.register(ModuleKind::Embedding, layer.lora(), &base);
         Ok(layer)
     }
 
@@ -533,24 +547,26 @@ impl LoraBuilder {
             Some((spec, None)) => {
                 LoraConv2d::new(w, b, geom, &spec, &self.inner.rng, &self.name())?
             }
-            Some((spec, Some(m))) => LoraConv2d::from_adapter(
-                w,
-                b,
-                geom,
-                m.a,
-                m.b,
-                spec.scale(),
-                spec.dropout,
-                &self.name(),
-                &self.inner.rng,
-            )?,
+            Some((spec, Some(m))) => {
+                let c = LoraConv2d::from_adapter(
+                    w,
+                    b,
+                    geom,
+                    m.a,
+                    m.b,
+                    spec.scale(),
+                    spec.dropout,
+                    &self.name(),
+                    &self.inner.rng,
+                )?;
+                if spec.use_dora {
+                    c.with_dora(m.magnitude)?
+                } else {
+                    c
+                }
+            }
         };
-        let base = w_base;
-        self.register(
-            ModuleKind::Conv2d,
-            layer.lora().map(|l| l.vars()).unwrap_or_default(),
-            &base,
-        );
+        self.register(ModuleKind::Conv2d, layer.lora(), &base);
         Ok(layer)
     }
 
@@ -608,6 +624,11 @@ impl LoraBuilder {
                     kind: r.kind,
                     a: r.a.as_tensor().copy()?,
                     b: r.b.as_tensor().copy()?,
+                    magnitude: r
+                        .magnitude
+                        .as_ref()
+                        .map(|m| m.as_tensor().copy())
+                        .transpose()?,
                 };
                 Ok((n.clone(), m))
             })

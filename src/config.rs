@@ -724,8 +724,11 @@ impl LoraConfig {
                 detail,
             })
         };
-        if self.use_dora {
-            return refuse("use_dora", "DoRA adapters (use_dora: true)".into());
+        if self.use_dora && self.lora_bias {
+            return refuse(
+                "use_dora",
+                "DoRA with lora_bias: true (PEFT refuses this combination too)".into(),
+            );
         }
         if self.lora_bias {
             return refuse("lora_bias", "a bias on lora_B (lora_bias: true)".into());
@@ -740,7 +743,11 @@ impl LoraConfig {
                 format!("fully trained modules {:?}", self.modules_to_save),
             );
         }
-        if self.init_lora_weights.mutates_base() {
+        let implemented = |m: &InitLoraWeights| match m {
+            InitLoraWeights::Other(s) => crate::layers::pissa::Method::parse(s).is_some(),
+            _ => false,
+        };
+        if self.init_lora_weights.mutates_base() && !implemented(&self.init_lora_weights) {
             return refuse(
                 "init_lora_weights",
                 format!(
@@ -944,10 +951,12 @@ mod tests {
             let cfg: LoraConfig = serde_json::from_str(json).unwrap();
             cfg.check_supported().unwrap_err().to_string()
         };
-        assert!(refused(r#"{"use_dora": true}"#).contains("use_dora"));
+        assert!(refused(r#"{"use_dora": true, "lora_bias": true}"#).contains("use_dora"));
         assert!(refused(r#"{"lora_bias": true}"#).contains("lora_bias"));
         assert!(refused(r#"{"trainable_token_indices": [1, 2]}"#).contains("trainable_token"));
-        assert!(refused(r#"{"init_lora_weights": "pissa"}"#).contains("pissa"));
+        assert!(refused(r#"{"init_lora_weights": "loftq"}"#).contains("loftq"));
+        let pissa: LoraConfig = serde_json::from_str(r#"{"init_lora_weights": "pissa"}"#).unwrap();
+        pissa.check_supported().unwrap();
         assert!(refused(r#"{"modules_to_save": ["head"]}"#).contains("modules_to_save"));
         let ok: LoraConfig =
             serde_json::from_str(r#"{"trainable_token_indices": null, "loftq_config": {}}"#)

@@ -6,6 +6,7 @@
 //! base_model.model.<module>.lora_embedding_A    embedding A (no `.weight`)
 //! base_model.model.<module>.lora_embedding_B    embedding B
 //! base_model.model.<module>.base_layer.weight    copy of an embedding layer's base weight
+//! base_model.model.<module>.lora_magnitude_vector  DoRA's magnitude m (no `.weight`)
 //! ```
 //!
 //! On load the `base_model.model.` prefix is optional (the transformers/diffusers form) and an
@@ -31,6 +32,8 @@ pub enum Factor {
     /// the output head), which PEFT saves with `save_embedding_layers` (by default when the
     /// config targets `embed_tokens` or `lm_head`) and loads into the model's base weight.
     BaseWeight,
+    /// `lora_magnitude_vector` (DoRA).
+    Magnitude,
 }
 
 impl Factor {
@@ -42,6 +45,7 @@ impl Factor {
             Factor::EmbeddingA => "lora_embedding_A",
             Factor::EmbeddingB => "lora_embedding_B",
             Factor::BaseWeight => "base_layer.weight",
+            Factor::Magnitude => "lora_magnitude_vector",
         }
     }
 }
@@ -53,7 +57,6 @@ pub fn format(module: &str, factor: Factor) -> String {
 
 /// Key suffixes PEFT writes for features this library does not implement, with the feature.
 const UNSUPPORTED_SUFFIXES: &[(&str, &str)] = &[
-    (".lora_magnitude_vector", "use_dora"),
     (".lora_B.bias", "lora_bias"),
     (".base_layer.bias", "bias"),
     (".trainable_tokens_delta", "trainable_token_indices"),
@@ -69,6 +72,7 @@ pub fn parse(key: &str, file: &std::path::Path) -> Result<(String, Factor)> {
         Factor::EmbeddingA,
         Factor::EmbeddingB,
         Factor::BaseWeight,
+        Factor::Magnitude,
     ] {
         let (stem, leaf) = match f {
             Factor::A => ("lora_A", ".weight"),
@@ -76,6 +80,7 @@ pub fn parse(key: &str, file: &std::path::Path) -> Result<(String, Factor)> {
             Factor::EmbeddingA => ("lora_embedding_A", ""),
             Factor::EmbeddingB => ("lora_embedding_B", ""),
             Factor::BaseWeight => ("base_layer", ".weight"),
+            Factor::Magnitude => ("lora_magnitude_vector", ""),
         };
         let Some(rest) = path.strip_suffix(leaf) else {
             continue;
@@ -124,6 +129,7 @@ mod tests {
             ("emb", Factor::EmbeddingB),
             ("lm_head", Factor::BaseWeight),
             ("model.embed_tokens", Factor::BaseWeight),
+            ("model.layers.0.mlp.down_proj", Factor::Magnitude),
         ] {
             let key = format(module, factor);
             assert_eq!(parse(&key, f).unwrap(), (module.to_string(), factor));
@@ -158,13 +164,6 @@ mod tests {
     #[test]
     fn unsupported_and_unknown_keys_are_named() {
         let f = Path::new("adapter_model.safetensors");
-        let e = parse("base_model.model.lin1.lora_magnitude_vector", f)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("use_dora") && e.contains("lin1.lora_magnitude_vector"),
-            "{e}"
-        );
         let e = parse("base_model.model.lin1.lora_B.bias", f)
             .unwrap_err()
             .to_string();

@@ -12,6 +12,7 @@ pub mod algebra;
 pub mod app;
 pub mod builder;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod kernels;
 pub mod keys;

@@ -4,7 +4,10 @@
 //! (linear `s·B·A`, transposed when `fan_in_fan_out`; embedding `s·(B·A)ᵀ`; conv
 //! `s·einsum(or,rikl->oikl)`), `s` per module from rsLoRA and the patterns, computed in f32 and
 //! rounded to the base's dtype as PEFT rounds it (unmerge and embeddings round ΔW first).
-//! Only the modules the adapter's config targets are merged ([`Adapter::load`] keeps those). Every other tensor is copied byte for byte. The base is
+//! Only the modules the adapter's config targets are merged ([`Adapter::load`] keeps those).
+//! DoRA adapters merge as `k ⊙ (W + ΔW)`, `k = m/‖W + ΔW‖` ([`crate::layers::dora`]); they
+//! cannot be unmerged from a merged checkpoint, because the norm needs the original `W`
+//! (refused with a one-line error). Every other tensor is copied byte for byte. The base is
 //! memory-mapped and only one tensor is held at a time; sharded checkpoints keep their shard
 //! layout and index. Outputs are written to a temporary file or folder and renamed into place,
 //! so an interrupted merge leaves nothing under the output name, and the base is only read.
@@ -17,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::adapter::Adapter;
 use crate::config::ModuleKind;
 use crate::error::{Error, Result};
-use crate::layers::apply_delta;
+use crate::layers::{apply_delta, check_finite};
 use crate::model_weights::{Checkpoint, INDEX_FILE, MODEL_FILE};
 use crate::tensor_file::{self, Entry};
 
@@ -85,6 +88,14 @@ pub fn merge_checkpoint(
     out: &Path,
     opts: MergeOptions,
 ) -> Result<MergeReport> {
+    if opts.direction == Direction::Unmerge && adapter.config.use_dora {
+        return Err(Error::State(
+            "a DoRA adapter (use_dora: true) cannot be unmerged: the merged weight \
+             m·(W+ΔW)/‖W+ΔW‖ cannot be inverted without the original W (its row norms are lost); \
+             keep the base checkpoint instead"
+                .into(),
+        ));
+    }
     let ckpt = Checkpoint::open(base)?;
     let weights_file = if base.is_file() {
         base.to_path_buf()
@@ -136,7 +147,7 @@ impl Deltas<'_> {
     }
 
     /// `base ± ΔW` rounded to the base dtype as PEFT rounds it (see `layers::apply_delta`),
-    /// returned in f32.
+    /// returned in f32; DoRA: `k ⊙ (base + ΔW)` (merge only).
     fn apply(&self, module: &str, base: &Tensor) -> Result<Tensor> {
         let m = &self.adapter.modules[module];
         let fan_in_fan_out = m
@@ -147,6 +158,12 @@ impl Deltas<'_> {
                 what: format!("the adapter's factors {:?} / {:?}", m.a.dims(), m.b.dims()),
             })?;
         let delta = m.delta_weight(self.adapter.scale_for(module)?, fan_in_fan_out)?;
+        if let (Some(mag), Direction::Merge) = (&m.magnitude, self.direction) {
+            let axis = m.dora_axis(fan_in_fan_out);
+            let (out, _) = crate::layers::dora::merged_weight(base, &delta, mag, axis)?;
+            check_finite(&out, module, "merging the adapter into the base weight")?;
+            return Ok(out);
+        }
         let round_delta_first =
             self.direction == Direction::Unmerge || m.kind == ModuleKind::Embedding;
         let out = apply_delta(
@@ -337,6 +354,7 @@ pub fn summary(adapter: &Adapter) -> Result<Vec<ModuleSummary>> {
                 alpha: adapter.config.alpha_for(name),
                 scale: adapter.scale_for(name)?,
                 params: m.num_params(),
+                magnitude_shape: m.magnitude.as_ref().map(|t| t.dims().to_vec()),
             })
         })
         .collect()
@@ -359,8 +377,10 @@ pub struct ModuleSummary {
     pub alpha: f64,
     /// The scale s.
     pub scale: f64,
-    /// |A| + |B|.
+    /// |A| + |B| (+ |m| with DoRA).
     pub params: usize,
+    /// Shape of DoRA's magnitude vector m, when the adapter uses DoRA.
+    pub magnitude_shape: Option<Vec<usize>>,
 }
 
 /// The base tensors' names and shapes, for error hints.

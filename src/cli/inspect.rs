@@ -32,7 +32,7 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             "path": a.adapter,
             "config": {
                 "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
-                "use_rslora": cfg.use_rslora, "target_modules": cfg.target_modules,
+                "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "target_modules": cfg.target_modules,
                 "task_type": cfg.task_type, "base_model_name_or_path": cfg.base_model_name_or_path,
             },
             "modules": modules,
@@ -53,6 +53,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         cfg.base_model_name_or_path.as_deref().unwrap_or("-")
     );
     println!("targets   {}", serde_json::to_string(&cfg.target_modules)?);
+    if cfg.use_dora {
+        println!("dora      yes: a trained magnitude vector m per module (column m)");
+    }
     let w = modules
         .iter()
         .map(|m| m.module.len())
@@ -60,12 +63,24 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
         .unwrap_or(6)
         .max(6);
     println!(
-        "\n{:<w$}  {:<9} {:>14} {:>14} {:>4} {:>7} {:>8} {:>9}",
-        "module", "kind", "A", "B", "r", "alpha", "scale", "params"
+        "\n{:<w$}  {:<9} {:>14} {:>14} {:>4} {:>7} {:>8} {:>9}{}",
+        "module",
+        "kind",
+        "A",
+        "B",
+        "r",
+        "alpha",
+        "scale",
+        "params",
+        if cfg.use_dora { "  m" } else { "" }
     );
     for m in &modules {
+        let mag = m
+            .magnitude_shape
+            .as_ref()
+            .map_or(String::new(), |s| format!("  {s:?}"));
         println!(
-            "{:<w$}  {:<9} {:>14} {:>14} {:>4} {:>7} {:>8.4} {:>9}",
+            "{:<w$}  {:<9} {:>14} {:>14} {:>4} {:>7} {:>8.4} {:>9}{mag}",
             m.module,
             m.kind,
             format!("{:?}", m.a_shape),

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod combine;
+mod convert_init;
 mod demo;
 mod extract;
 mod generate;
@@ -40,6 +41,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Fine-tune a model with LoRA (or fully) on a JSONL file.
     Train(Box<train::TrainArgs>),
+    /// Turn a PiSSA / OLoRA adapter (trained on the residual base) into a plain rank-2r LoRA
+    /// for the original base.
+    ConvertInit(convert_init::ConvertInitArgs),
     /// Run a Llama-family model (optionally with an adapter) on token ids; write the logits.
     Logits(logits::LogitsArgs),
     /// Complete a prompt with a Llama-family model, streaming the tokens.
@@ -65,5 +69,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(*a),
         Command::Combine(a) => combine::run(*a),
         Command::Extract(a) => extract::run(*a),
+        Command::ConvertInit(a) => convert_init::run(a),
     }
 }

@@ -13,7 +13,7 @@ use lora::train::data::{Dataset, LazyTokenizer};
 use lora::train::metrics::Record;
 use lora::train::resume::{find_checkpoint, TrainMode, TrainerState};
 use lora::train::{Event, Length, SaveMode, Schedule, TrainConfig, Trainer};
-use lora::{Adapter, Checkpoint, LoraBuilder, LoraConfig, TargetModules};
+use lora::{Adapter, Checkpoint, InitLoraWeights, LoraBuilder, LoraConfig, TargetModules};
 
 /// Arguments of `lora train`.
 #[derive(Debug, Args)]
@@ -32,7 +32,7 @@ pub struct TrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Start from this adapter (its config fixes rank, alpha and targets).
-    #[arg(long, conflicts_with_all = ["full", "target_modules", "target_regex", "r", "alpha", "rslora"])]
+    #[arg(long, conflicts_with_all = ["full", "target_modules", "target_regex", "r", "alpha", "rslora", "use_dora"])]
     adapter_init: Option<PathBuf>,
     /// Modules to adapt, comma-separated (`q_proj,v_proj`), or `all-linear`.
     #[arg(long, value_delimiter = ',', conflicts_with = "target_regex")]
@@ -52,6 +52,15 @@ pub struct TrainArgs {
     /// rsLoRA scaling alpha/sqrt(r).
     #[arg(long)]
     rslora: bool,
+    /// DoRA: train a magnitude vector per output unit too (PEFT's `use_dora`).
+    #[arg(long)]
+    use_dora: bool,
+    /// How A and B start: true, false, gaussian, pissa, pissa_niter_N or olora (PEFT's
+    /// `init_lora_weights`). PiSSA and OLoRA rewrite the base: the run also writes
+    /// <out>/residual_model (the base it trains on) and <out>/initial_adapter (for
+    /// `lora convert-init`).
+    #[arg(long, default_value = "true")]
+    init_lora_weights: String,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
@@ -198,6 +207,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         vb.with_config(lora_config(&a, &base_name))?
     };
     let model = Llama::load(&cfg, &vb)?;
+    let rewrites_base = vb
+        .config()
+        .is_some_and(|c| c.init_lora_weights.mutates_base());
     let save = if a.full {
         SaveMode::Full {
             model_dir: a.model.clone(),
@@ -221,6 +233,15 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         Some(ck) => Trainer::resume(&model, &vb, tc, save, &a.out, ck)?,
         None => Trainer::new(&model, &vb, tc, save, &a.out)?,
     };
+    if rewrites_base && checkpoint.is_none() && a.adapter_init.is_none() {
+        lora::convert::save_initial_and_residual(&vb.adapter()?, &a.model, &a.out)
+            .context("writing the residual base and the initial adapter")?;
+        eprintln!(
+            "{}: the adapter trains on the residual base {}; `lora convert-init` makes a plain LoRA",
+            vb.config().map_or(String::new(), |c| format!("{:?}", c.init_lora_weights)),
+            a.out.join(lora::convert::RESIDUAL_DIR).display()
+        );
+    }
 
     // Memory ledger: sizes of what training holds, and the heap peak above the loaded model
     // measured by the counting allocator over the whole run.
@@ -312,7 +333,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             verify: false,
             force: false,
         };
-        merge_checkpoint(&a.model, &adapter, dir, opts)
+        let merge_base = if rewrites_base {
+            a.out.join(lora::convert::RESIDUAL_DIR)
+        } else {
+            a.model.clone()
+        };
+        merge_checkpoint(&merge_base, &adapter, dir, opts)
             .with_context(|| format!("merging into {}", dir.display()))?;
         println!("merged model written to {}", dir.display());
     }
@@ -331,6 +357,13 @@ fn lora_config(a: &TrainArgs, base: &str) -> LoraConfig {
         lora_alpha: a.alpha.unwrap_or(16.0),
         lora_dropout: a.dropout.unwrap_or(0.05),
         use_rslora: a.rslora,
+        use_dora: a.use_dora,
+        init_lora_weights: match a.init_lora_weights.as_str() {
+            "true" => InitLoraWeights::Default,
+            "false" => InitLoraWeights::Random,
+            "gaussian" => InitLoraWeights::Gaussian,
+            other => InitLoraWeights::Other(other.to_string()),
+        },
         target_modules: Some(targets),
         task_type: Some("CAUSAL_LM".into()),
         base_model_name_or_path: Some(base.to_string()),

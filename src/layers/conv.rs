@@ -13,9 +13,10 @@
 
 use candle_core::{DType, Tensor, Var};
 
+use super::dora::{self, NormAxis};
 use super::{
-    apply_delta, check_init, dropout, expect_shape, init, LoraRng, LoraSpec, LowRank, Mergeable,
-    Param,
+    apply_delta, check_finite, check_init, dropout, expect_shape, init, LoraRng, LoraSpec, LowRank,
+    Mergeable, Param,
 };
 use crate::config::InitLoraWeights;
 use crate::error::{Error, Result};
@@ -89,7 +90,7 @@ impl LoraConv2d {
             InitLoraWeights::Random => init::kaiming_uniform(&[out_c, r, 1, 1], r, rng, dev)?,
             _ => Tensor::zeros((out_c, r, 1, 1), DType::F32, dev)?,
         };
-        Self::from_adapter(
+        let layer = Self::from_adapter(
             weight,
             bias,
             geom,
@@ -99,7 +100,23 @@ impl LoraConv2d {
             spec.dropout,
             name,
             rng,
-        )
+        )?;
+        if spec.use_dora {
+            return layer.with_dora(None);
+        }
+        Ok(layer)
+    }
+
+    /// Turns the adapter into DoRA with magnitude `m: [1, out, 1, 1]` (PEFT's shape), or the
+    /// initial `m = ‖W0 + ΔW‖` over `in·kh·kw` when `None` (see [`super::dora`]).
+    pub fn with_dora(mut self, m: Option<Tensor>) -> Result<Self> {
+        let delta = self.delta_weight()?;
+        let w = self.weight.tensor().clone();
+        if let (Some(l), Some(delta)) = (self.lora.as_mut(), delta) {
+            let out = w.dim(0)?;
+            l.set_magnitude(m, &w, &delta, NormAxis::First, &[1, out, 1, 1])?;
+        }
+        Ok(self)
     }
 
     /// Wraps a frozen conv with given `a: [r, in, kh, kw]`, `b: [out, r, 1, 1]`.
@@ -140,13 +157,7 @@ impl LoraConv2d {
             weight: Param::Frozen(weight),
             bias: bias.map(Param::Frozen),
             geom,
-            lora: Some(LowRank {
-                name: name.to_string(),
-                a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
-                b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
-                scale,
-                dropout,
-            }),
+            lora: Some(LowRank::plain(name, &a, &b, scale, dropout)?),
             merged: false,
             rng: rng.clone(),
         })
@@ -182,8 +193,12 @@ impl LoraConv2d {
     }
 
     /// `x: [batch, in, h, w]` → `[batch, out, h', w']`; `train` enables dropout.
+    ///
+    /// With DoRA (PEFT's `_DoraConvNdVariant.forward`): `y = conv(x, W0) + b + (k − 1)·conv(x̃, W0)
+    /// + k·s·conv1x1(conv(x̃, A), B)`, `k = m/‖W0 + ΔW‖` per output channel (detached).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.conv(x, self.weight(), self.geom)?;
+        let wx = self.conv(x, self.weight(), self.geom)?;
+        let mut y = wx.clone();
         if let Some(b) = self.bias.as_ref().map(Param::tensor) {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
         }
@@ -195,7 +210,8 @@ impl LoraConv2d {
             }
             return Ok(y);
         };
-        let xd = if train {
+        let dropped = train && l.dropout > 0.0;
+        let xd = if dropped {
             dropout(x, l.dropout, &self.rng)?
         } else {
             x.clone()
@@ -203,20 +219,45 @@ impl LoraConv2d {
         let h = self.conv(&xd.to_dtype(DType::F32)?, l.a.as_tensor(), self.geom)?; // [b, r, h', w']
         let d = self.conv(&h, l.b.as_tensor(), Conv2dGeometry::default())?;
         let d = (d * l.scale)?.to_dtype(y.dtype())?;
-        Ok((y + d)?)
+        let Some(m) = &l.magnitude else {
+            return Ok((y + d)?);
+        };
+        let dw = self.delta_weight()?.expect("has an adapter").detach();
+        let k = dora::factor(m.as_tensor(), self.weight(), &dw, NormAxis::First)?;
+        let k = k.reshape((1, (), 1, 1))?;
+        let base = if dropped {
+            self.conv(&xd, self.weight(), self.geom)?
+        } else {
+            wx
+        };
+        Ok((y + dora::output(&base, &d, &k)?)?)
     }
 }
 
 impl Mergeable for LoraConv2d {
+    /// `W0 + ΔW`; with DoRA `k ⊙ (W0 + ΔW)` per output channel ([`dora::merged_weight`]).
     fn merge(&mut self) -> Result<()> {
         if self.merged {
             return Ok(());
         }
-        if let Some(delta) = self.delta_weight()? {
-            let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-            self.weight = Param::Frozen(apply_delta(self.weight(), &delta, 1.0, false, name)?);
-            self.merged = true;
-        }
+        let Some(delta) = self.delta_weight()? else {
+            return Ok(());
+        };
+        let w = self.weight().clone();
+        let Some(l) = self.lora.as_mut() else {
+            return Ok(());
+        };
+        let merged = match &l.magnitude {
+            None => apply_delta(&w, &delta, 1.0, false, &l.name)?,
+            Some(m) => {
+                let (merged, n) = dora::merged_weight(&w, &delta, m.as_tensor(), NormAxis::First)?;
+                check_finite(&merged, &l.name, "merge")?;
+                l.merged_norm = Some(n);
+                merged.to_dtype(w.dtype())?
+            }
+        };
+        self.weight = Param::Frozen(merged);
+        self.merged = true;
         Ok(())
     }
 
@@ -224,10 +265,27 @@ impl Mergeable for LoraConv2d {
         if !self.merged {
             return Ok(());
         }
-        if let Some(delta) = self.delta_weight()? {
-            let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-            self.weight = Param::Frozen(apply_delta(self.weight(), &delta, -1.0, true, name)?);
-        }
+        let Some(delta) = self.delta_weight()? else {
+            return Ok(());
+        };
+        let w = self.weight().clone();
+        let Some(l) = self.lora.as_mut() else {
+            return Ok(());
+        };
+        let restored = match (&l.magnitude, l.merged_norm.take()) {
+            (None, _) => apply_delta(&w, &delta, -1.0, true, &l.name)?,
+            (Some(m), Some(n)) => {
+                dora::unmerged_weight(&w, &delta, m.as_tensor(), &n, NormAxis::First)?
+                    .to_dtype(w.dtype())?
+            }
+            (Some(_), None) => {
+                return Err(Error::State(format!(
+                    "module `{}`: DoRA cannot unmerge without the norm of its own merge",
+                    l.name
+                )))
+            }
+        };
+        self.weight = Param::Frozen(restored);
         self.merged = false;
         Ok(())
     }

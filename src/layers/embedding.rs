@@ -12,8 +12,10 @@
 
 use candle_core::{DType, Tensor, Var};
 
+use super::dora::{self, NormAxis};
 use super::{
-    apply_delta, check_init, expect_shape, init, LoraRng, LoraSpec, LowRank, Mergeable, Param,
+    apply_delta, check_finite, check_init, expect_shape, init, LoraRng, LoraSpec, LowRank,
+    Mergeable, Param,
 };
 use crate::config::InitLoraWeights;
 use crate::error::{Error, Result};
@@ -66,7 +68,24 @@ impl LoraEmbedding {
             ),
             InitLoraWeights::Other(_) => unreachable!("refused by check_init"),
         };
-        Self::from_adapter(table, a, b, spec.scale(), name)
+        let layer = Self::from_adapter(table, a, b, spec.scale(), name)?;
+        if spec.use_dora {
+            return layer.with_dora(None);
+        }
+        Ok(layer)
+    }
+
+    /// Turns the adapter into DoRA with magnitude `m: [dim]`, or PEFT's initial
+    /// `m = ‖E + ΔE‖` per embedding column (over the vocabulary) when `None` (see
+    /// [`super::dora`]; PEFT's `DoraEmbeddingLayer` uses `fan_in_fan_out=True`).
+    pub fn with_dora(mut self, m: Option<Tensor>) -> Result<Self> {
+        let delta = self.delta_weight()?;
+        let t = self.table.tensor().clone();
+        if let (Some(l), Some(delta)) = (self.lora.as_mut(), delta) {
+            let dim = t.dim(1)?;
+            l.set_magnitude(m, &t, &delta, NormAxis::Last, &[dim])?;
+        }
+        Ok(self)
     }
 
     /// Wraps a frozen table with given `a: [r, vocab]`, `b: [dim, r]`.
@@ -100,13 +119,7 @@ impl LoraEmbedding {
         }
         Ok(LoraEmbedding {
             table: Param::Frozen(table),
-            lora: Some(LowRank {
-                name: name.to_string(),
-                a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
-                b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
-                scale,
-                dropout: 0.0,
-            }),
+            lora: Some(LowRank::plain(name, &a, &b, scale, 0.0)?),
             merged: false,
         })
     }
@@ -136,6 +149,9 @@ impl LoraEmbedding {
     }
 
     /// Looks up `ids` (any integer shape) → `[..., dim]`.
+    ///
+    /// With DoRA (PEFT's `DoraEmbeddingVariant.forward`): `y = k ⊙ (E[ids] + s·Aᵀ[ids]·Bᵀ)`,
+    /// `k = m/‖E + ΔE‖` per embedding column (detached).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let flat = ids.flatten_all()?;
         let mut out_shape = ids.dims().to_vec();
@@ -145,22 +161,43 @@ impl LoraEmbedding {
             let at = l.a.as_tensor().t()?.contiguous()?; // [vocab, r]
             let xa = (at.index_select(&flat, 0)? * l.scale)?; // [n, r]
             let delta = xa.matmul(&l.b.as_tensor().t()?)?.to_dtype(y.dtype())?; // [n, dim]
-            y = (y + delta)?;
+            y = match &l.magnitude {
+                None => (y + delta)?,
+                Some(m) => {
+                    let de = self.delta_weight()?.expect("has an adapter").detach();
+                    let k = dora::factor(m.as_tensor(), self.table(), &de, NormAxis::Last)?;
+                    (&y + dora::output(&y, &delta, &k)?)?
+                }
+            };
         }
         Ok(y.reshape(out_shape)?)
     }
 }
 
 impl Mergeable for LoraEmbedding {
+    /// `E + ΔE`; with DoRA `k ⊙ (E + ΔE)` per column ([`dora::merged_weight`]).
     fn merge(&mut self) -> Result<()> {
         if self.merged {
             return Ok(());
         }
-        if let Some(delta) = self.delta_weight()? {
-            let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-            self.table = Param::Frozen(apply_delta(self.table(), &delta, 1.0, true, name)?);
-            self.merged = true;
-        }
+        let Some(delta) = self.delta_weight()? else {
+            return Ok(());
+        };
+        let t = self.table().clone();
+        let Some(l) = self.lora.as_mut() else {
+            return Ok(());
+        };
+        let merged = match &l.magnitude {
+            None => apply_delta(&t, &delta, 1.0, true, &l.name)?,
+            Some(m) => {
+                let (merged, n) = dora::merged_weight(&t, &delta, m.as_tensor(), NormAxis::Last)?;
+                check_finite(&merged, &l.name, "merge")?;
+                l.merged_norm = Some(n);
+                merged.to_dtype(t.dtype())?
+            }
+        };
+        self.table = Param::Frozen(merged);
+        self.merged = true;
         Ok(())
     }
 
@@ -168,10 +205,27 @@ impl Mergeable for LoraEmbedding {
         if !self.merged {
             return Ok(());
         }
-        if let Some(delta) = self.delta_weight()? {
-            let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-            self.table = Param::Frozen(apply_delta(self.table(), &delta, -1.0, true, name)?);
-        }
+        let Some(delta) = self.delta_weight()? else {
+            return Ok(());
+        };
+        let t = self.table().clone();
+        let Some(l) = self.lora.as_mut() else {
+            return Ok(());
+        };
+        let restored = match (&l.magnitude, l.merged_norm.take()) {
+            (None, _) => apply_delta(&t, &delta, -1.0, true, &l.name)?,
+            (Some(m), Some(n)) => {
+                dora::unmerged_weight(&t, &delta, m.as_tensor(), &n, NormAxis::Last)?
+                    .to_dtype(t.dtype())?
+            }
+            (Some(_), None) => {
+                return Err(Error::State(format!(
+                    "module `{}`: DoRA cannot unmerge without the norm of its own merge",
+                    l.name
+                )))
+            }
+        };
+        self.table = Param::Frozen(restored);
         self.merged = false;
         Ok(())
     }

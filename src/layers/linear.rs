@@ -34,9 +34,10 @@
 use candle_core::{Module, Tensor, Var};
 use std::cell::Cell;
 
+use super::dora::{self, NormAxis};
 use super::{
-    apply_delta, check_init, dropout, expect_shape, init, LoraRng, LoraSpec, LowRank, Mergeable,
-    Param,
+    apply_delta, check_finite, check_init, dropout, expect_shape, init, LoraRng, LoraSpec, LowRank,
+    Mergeable, Param,
 };
 use crate::config::InitLoraWeights;
 use crate::error::{Error, Result};
@@ -102,6 +103,27 @@ impl LoraLinear {
         if spec.r == 0 {
             return Self::trainable(&weight, bias.as_ref());
         }
+        if let InitLoraWeights::Other(m) = &spec.init {
+            if let Some(method) = super::pissa::Method::parse(m) {
+                // PiSSA / OLoRA: factors from the base's SVD / QR, base becomes the residual.
+                let rw = super::pissa::init(&weight, method, spec.r, spec.scale(), name)?;
+                let l = Self::from_adapter(
+                    rw.residual,
+                    bias,
+                    rw.a,
+                    rw.b,
+                    spec.scale(),
+                    spec.dropout,
+                    name,
+                    rng,
+                )?;
+                return if spec.use_dora {
+                    l.with_dora(None)
+                } else {
+                    Ok(l)
+                };
+            }
+        }
         check_init(&spec.init, name)?;
         let (out_f, in_f) = weight.dims2()?;
         let dev = weight.device();
@@ -122,7 +144,24 @@ impl LoraLinear {
             ),
             InitLoraWeights::Other(_) => unreachable!("refused by check_init"),
         };
-        Self::from_adapter(weight, bias, a, b, spec.scale(), spec.dropout, name, rng)
+        let layer = Self::from_adapter(weight, bias, a, b, spec.scale(), spec.dropout, name, rng)?;
+        if spec.use_dora {
+            return layer.with_dora(None);
+        }
+        Ok(layer)
+    }
+
+    /// Turns the adapter into DoRA with magnitude `m: [out]`, or PEFT's initial
+    /// `m = ‖W0 + s·B·A‖` per row when `None` (see [`super::dora`]). A layer without an adapter is
+    /// returned as is.
+    pub fn with_dora(mut self, m: Option<Tensor>) -> Result<Self> {
+        let delta = self.delta_weight()?;
+        let w = self.weight.tensor().clone();
+        if let (Some(l), Some(delta)) = (self.lora.as_mut(), delta) {
+            let out = w.dim(0)?;
+            l.set_magnitude(m, &w, &delta, NormAxis::First, &[out])?;
+        }
+        Ok(self)
     }
 
     /// Wraps a frozen weight with given adapter tensors `a: [r, in]`, `b: [out, r]` (loaded from
@@ -162,17 +201,10 @@ impl LoraLinear {
         if let Some(bias) = &bias {
             expect_shape(bias, &format!("{name}.bias"), &[out_f], "the bias [out]")?;
         }
-        let f32 = candle_core::DType::F32;
         Ok(LoraLinear {
             weight: Param::Frozen(weight),
             bias: bias.map(Param::Frozen),
-            lora: Some(LowRank {
-                name: name.to_string(),
-                a: Var::from_tensor(&a.to_dtype(f32)?)?,
-                b: Var::from_tensor(&b.to_dtype(f32)?)?,
-                scale,
-                dropout,
-            }),
+            lora: Some(LowRank::plain(name, &a, &b, scale, dropout)?),
             merged: false,
             rng: rng.clone(),
         })
@@ -191,7 +223,7 @@ impl LoraLinear {
         self.lora.as_ref()
     }
 
-    /// Every trainable variable: A and B, or the weight and bias for r = 0.
+    /// Every trainable variable: A and B (and DoRA's m), or the weight and bias for r = 0.
     pub fn trainable_vars(&self) -> Vec<Var> {
         match &self.lora {
             Some(l) => l.vars(),
@@ -274,7 +306,7 @@ impl LoraLinear {
                 x2.apply_op1(op)?
             }
             Some(l) => {
-                if l.a.dtype() != f32 || l.b.dtype() != f32 {
+                if l.a.dtype() != f32 || l.b.dtype() != f32 || l.magnitude.is_some() {
                     return Ok(None);
                 }
                 let op = self.lora_op(w, l, n * inp, train);
@@ -309,15 +341,21 @@ impl LoraLinear {
     }
 
     /// The reference path in plain tensor ops (any device and dtype).
+    ///
+    /// With DoRA (PEFT's `DoraLinearVariant.forward`): `y = W0·x + b + (k − 1)·(W0·x̃) +
+    /// k·s·B·A·x̃`, `k = m/‖W0 + s·B·A‖` (detached), `x̃ = dropout(x)` in training with dropout
+    /// (then `W0·x̃` is recomputed, as PEFT does), else `x` (and `W0·x` is reused).
     pub(crate) fn plain_forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = matmul_t(x, self.weight())?;
-        if let Some(b) = self.bias() {
-            y = y.broadcast_add(b)?;
-        }
+        let wx = matmul_t(x, self.weight())?;
+        let y = match self.bias() {
+            Some(b) => wx.broadcast_add(b)?,
+            None => wx.clone(),
+        };
         let Some(l) = self.lora.as_ref().filter(|_| !self.merged) else {
             return Ok(y);
         };
-        let xd = if train {
+        let dropped = train && l.dropout > 0.0;
+        let xd = if dropped {
             dropout(x, l.dropout, &self.rng)?
         } else {
             x.clone()
@@ -325,7 +363,17 @@ impl LoraLinear {
         let xd = xd.to_dtype(l.a.dtype())?;
         let xa = (matmul_t(&xd, l.a.as_tensor())? * l.scale)?; // [..., r]
         let delta = matmul_t(&xa, l.b.as_tensor())?.to_dtype(y.dtype())?; // [..., out]
-        Ok((y + delta)?)
+        let Some(m) = &l.magnitude else {
+            return Ok((y + delta)?);
+        };
+        let dw = (l.b.matmul(l.a.as_tensor())?.detach() * l.scale)?;
+        let k = dora::factor(m.as_tensor(), self.weight(), &dw, NormAxis::First)?;
+        let base = if dropped {
+            matmul_t(&xd.to_dtype(self.weight().dtype())?, self.weight())?
+        } else {
+            wx
+        };
+        Ok((y + dora::output(&base, &delta, &k)?)?)
     }
 }
 
@@ -356,6 +404,7 @@ impl Module for LoraLinear {
 }
 
 impl Mergeable for LoraLinear {
+    /// `W0 + s·B·A`; with DoRA `k ⊙ (W0 + s·B·A)` ([`dora::merged_weight`]).
     fn merge(&mut self) -> Result<()> {
         if self.merged {
             return Ok(());
@@ -363,8 +412,20 @@ impl Mergeable for LoraLinear {
         let Some(delta) = self.delta_weight()? else {
             return Ok(());
         };
-        let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, 1.0, false, name)?);
+        let w = self.weight().clone();
+        let Some(l) = self.lora.as_mut() else {
+            return Ok(());
+        };
+        let merged = match &l.magnitude {
+            None => apply_delta(&w, &delta, 1.0, false, &l.name)?,
+            Some(m) => {
+                let (merged, n) = dora::merged_weight(&w, &delta, m.as_tensor(), NormAxis::First)?;
+                check_finite(&merged, &l.name, "merge")?;
+                l.merged_norm = Some(n);
+                merged.to_dtype(w.dtype())?
+            }
+        };
+        self.weight = Param::Frozen(merged);
         self.merged = true;
         Ok(())
     }
@@ -376,8 +437,25 @@ impl Mergeable for LoraLinear {
         let Some(delta) = self.delta_weight()? else {
             return Ok(());
         };
-        let name = self.lora.as_ref().map_or("", |l| l.name.as_str());
-        self.weight = Param::Frozen(apply_delta(self.weight(), &delta, -1.0, true, name)?);
+        let w = self.weight().clone();
+        let Some(l) = self.lora.as_mut() else {
+            return Ok(());
+        };
+        let restored = match (&l.magnitude, l.merged_norm.take()) {
+            (None, _) => apply_delta(&w, &delta, -1.0, true, &l.name)?,
+            (Some(m), Some(n)) => {
+                let u = dora::unmerged_weight(&w, &delta, m.as_tensor(), &n, NormAxis::First)?;
+                check_finite(&u, &l.name, "unmerge")?;
+                u.to_dtype(w.dtype())?
+            }
+            (Some(_), None) => {
+                return Err(Error::State(format!(
+                    "module `{}`: DoRA cannot unmerge without the norm of its own merge",
+                    l.name
+                )))
+            }
+        };
+        self.weight = Param::Frozen(restored);
         self.merged = false;
         Ok(())
     }

@@ -6,9 +6,11 @@
 //! nothing merges as a side effect of switching between training and inference.
 
 mod conv;
+pub mod dora;
 mod embedding;
 mod init;
 mod linear;
+pub mod pissa;
 
 pub use conv::{Conv2dGeometry, LoraConv2d};
 pub use embedding::LoraEmbedding;
@@ -62,6 +64,11 @@ pub struct LowRank {
     pub scale: f64,
     /// Dropout probability on the LoRA branch input (training only).
     pub dropout: f32,
+    /// DoRA's `lora_magnitude_vector` m (trainable), when the adapter uses DoRA: `[out]`
+    /// (linear), `[dim]` (embedding), `[1, out, 1, 1]` (conv). See [`dora`].
+    pub magnitude: Option<Var>,
+    /// DoRA: the norm `‖W0 + s·B·A‖` used by the last merge, which unmerging needs.
+    pub(crate) merged_norm: Option<Tensor>,
 }
 
 impl LowRank {
@@ -69,13 +76,63 @@ impl LowRank {
     pub fn rank(&self) -> usize {
         self.a.dims()[0]
     }
-    /// A and B, the trainable variables.
+    /// The trainable variables: A, B, and DoRA's magnitude m when present.
     pub fn vars(&self) -> Vec<Var> {
-        vec![self.a.clone(), self.b.clone()]
+        let mut v = vec![self.a.clone(), self.b.clone()];
+        v.extend(self.magnitude.clone());
+        v
     }
-    /// Number of trainable parameters (|A| + |B|).
+    /// Number of trainable parameters (|A| + |B| (+ |m|)).
     pub fn num_params(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count()
+        self.a.elem_count()
+            + self.b.elem_count()
+            + self.magnitude.as_ref().map_or(0, |m| m.elem_count())
+    }
+
+    /// A new adapter with no DoRA magnitude.
+    pub(crate) fn plain(
+        name: &str,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        dropout: f32,
+    ) -> Result<Self> {
+        Ok(LowRank {
+            name: name.to_string(),
+            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            scale,
+            dropout,
+            magnitude: None,
+            merged_norm: None,
+        })
+    }
+
+    /// Turns on DoRA with magnitude `m` (checked against `shape`), or PEFT's initial
+    /// `m = ‖W0 + s·ΔW‖` when `m` is `None` (`DoraLinearLayer.update_layer`). `w0` and `delta`
+    /// are the base weight and `s·ΔW` in the same layout.
+    pub(crate) fn set_magnitude(
+        &mut self,
+        m: Option<Tensor>,
+        w0: &Tensor,
+        delta: &Tensor,
+        axis: dora::NormAxis,
+        shape: &[usize],
+    ) -> Result<()> {
+        let m = match m {
+            Some(m) => {
+                expect_shape(
+                    &m,
+                    &format!("{}.lora_magnitude_vector", self.name),
+                    shape,
+                    "DoRA's magnitude vector",
+                )?;
+                m.to_dtype(DType::F32)?
+            }
+            None => dora::weight_norm(w0, delta, axis)?.reshape(shape)?,
+        };
+        self.magnitude = Some(Var::from_tensor(&m)?);
+        Ok(())
     }
 }
 
@@ -154,6 +211,8 @@ pub struct LoraSpec {
     pub dropout: f32,
     /// How A and B start.
     pub init: crate::config::InitLoraWeights,
+    /// DoRA: add a trainable magnitude vector m, starting at `‖W0 + s·B·A‖` (see [`dora`]).
+    pub use_dora: bool,
 }
 
 impl LoraSpec {
@@ -165,6 +224,7 @@ impl LoraSpec {
             use_rslora: false,
             dropout: 0.0,
             init: crate::config::InitLoraWeights::Default,
+            use_dora: false,
         }
     }
     /// The scale s: α/r, or α/√r with rsLoRA.
@@ -182,7 +242,10 @@ pub(crate) fn check_init(init: &crate::config::InitLoraWeights, name: &str) -> R
     if let crate::config::InitLoraWeights::Other(m) = init {
         return Err(Error::UnsupportedFeature {
             feature: "init_lora_weights".into(),
-            detail: format!("`{m}` for module `{name}` (supported: true, false, \"gaussian\")"),
+            detail: format!(
+                "`{m}` for module `{name}` (supported: true, false, \"gaussian\"; \"pissa\", \
+                 \"pissa_niter_N\" and \"olora\" on linear layers)"
+            ),
         });
     }
     Ok(())

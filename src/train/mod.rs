@@ -607,6 +607,10 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
                 for (name, m) in &a.modules {
                     crate::layers::check_finite(&m.a, &format!("{name}.lora_A"), "saving")?;
                     crate::layers::check_finite(&m.b, &format!("{name}.lora_B"), "saving")?;
+                    if let Some(mag) = &m.magnitude {
+                        let key = format!("{name}.lora_magnitude_vector");
+                        crate::layers::check_finite(mag, &key, "saving")?;
+                    }
                 }
                 Ok(Weights::Adapter(Box::new(a)))
             }

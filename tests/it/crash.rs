@@ -32,6 +32,7 @@ fn setup(dir: &std::path::Path) {
                 kind: ModuleKind::Linear,
                 a,
                 b,
+                magnitude: None,
             },
         );
     }

@@ -44,8 +44,8 @@
 //! base GEMM plus the two skinny ones instead of `W'`, and its backward adds `s·((dy·B)·A)⊙m`.
 //!
 //! It applies when the model is on the CPU in f32, every trainable variable is a `lora_A` /
-//! `lora_B` of a decoder linear (`q/k/v/o_proj`, `gate/up/down_proj`), and no adapter is
-//! merged; otherwise [`CausalLm::fused_loss_and_grads`] returns `None` and callers use
+//! `lora_B` of a decoder linear (`q/k/v/o_proj`, `gate/up/down_proj`), no adapter uses DoRA
+//! (its magnitude vector is not in this backward) and no adapter is merged; otherwise [`CausalLm::fused_loss_and_grads`] returns `None` and callers use
 //! autograd. Tested against the autograd path (loss and every gradient) in `tests`.
 //!
 //! [`causal_lm_loss_sum`]: crate::models::loss::causal_lm_loss_sum
@@ -640,7 +640,11 @@ impl Llama {
                     return false;
                 }
                 if let Some(l) = lin.lora() {
-                    if !f32_cpu(l.a.as_tensor()) || !f32_cpu(l.b.as_tensor()) {
+                    // DoRA (a magnitude vector) is not in the hand-written backward: autograd.
+                    if !f32_cpu(l.a.as_tensor())
+                        || !f32_cpu(l.b.as_tensor())
+                        || l.magnitude.is_some()
+                    {
                         return false;
                     }
                     lora_ids.insert(l.a.as_tensor().id());

@@ -566,7 +566,7 @@ impl LoraBuilder {
                 }
             }
         };
-        self.register(ModuleKind::Conv2d, layer.lora(), &base);
+        self.register(ModuleKind::Conv2d, layer.lora(), &w_base);
         Ok(layer)
     }
 
@@ -785,6 +785,7 @@ mod tests {
             kind: ModuleKind::Linear,
             a: Tensor::zeros((r, 4), DType::F32, &dev).unwrap(),
             b: Tensor::zeros((4, r), DType::F32, &dev).unwrap(),
+            magnitude: None,
         };
         let adapter = |json: &str| Adapter {
             config: serde_json::from_str(json).unwrap(),

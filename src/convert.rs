@@ -85,7 +85,11 @@ pub fn convert_init(initial: &Adapter, trained: &Adapter) -> Result<Adapter> {
     for v in config.alpha_pattern.values_mut() {
         *v *= 2.0;
     }
-    Ok(Adapter { config, modules })
+    Ok(Adapter {
+        config,
+        modules,
+        ..Default::default()
+    })
 }
 
 /// Folder under a training output holding the adapter as initialised (PEFT's
@@ -149,7 +153,11 @@ mod tests {
         );
         let mut config = LoraConfig::new(r, 8.0, &["l"]);
         config.init_lora_weights = InitLoraWeights::Other("pissa".into());
-        Adapter { config, modules }
+        Adapter {
+            config,
+            modules,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -164,7 +172,7 @@ mod tests {
             - init.modules["l"].delta_weight(s, false).unwrap())
         .unwrap();
         let got = c.modules["l"].delta_weight(s, false).unwrap();
-        assert!(crate::testutil::max_abs(&got, &want) < 1e-6);
+        assert!(crate::testutil::max_abs_diff(&got, &want) < 1e-6);
         let mut rs = trained.clone();
         rs.config.use_rslora = true;
         rs.config.rank_pattern.insert("l".into(), 2);

@@ -455,6 +455,7 @@ mod tests {
                 kind,
                 a: Tensor::from_vec(a, (r, inn), &dev).unwrap(),
                 b: Tensor::from_vec(b, (out, r), &dev).unwrap(),
+                magnitude: None,
             };
             modules.insert(name.to_string(), m);
         }

@@ -283,7 +283,11 @@ pub fn combine(
         modules.insert(name.clone(), m);
     }
     let config = new_config(inputs, new_rank, &modules)?;
-    let adapter = Adapter { config, modules, ..Default::default() };
+    let adapter = Adapter {
+        config,
+        modules,
+        ..Default::default()
+    };
     for (name, m) in &adapter.modules {
         if !adapter.config.is_target(name, m.kind)? {
             return Err(refuse(format!(
@@ -496,6 +500,7 @@ fn module_from(like: &ModuleAdapter, b: Vec<f32>, a: Vec<f32>, r: usize) -> Resu
         kind: like.kind,
         a: Tensor::from_vec(a, a_shape, &Device::Cpu)?,
         b: Tensor::from_vec(b, b_shape, &Device::Cpu)?,
+        magnitude: None,
     })
 }
 
@@ -716,6 +721,7 @@ mod tests {
             kind: ModuleKind::Linear,
             a: Tensor::from_slice(a, (r, inp), &Device::Cpu).unwrap(),
             b: Tensor::from_slice(b, (out, r), &Device::Cpu).unwrap(),
+            magnitude: None,
         };
         Adapter {
             config: LoraConfig::new(r, alpha, &["m"]),

@@ -34,9 +34,9 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::adapter::{Adapter, ModuleAdapter};
-use crate::model_weights::Checkpoint;
 use crate::config::{LoraConfig, ModuleKind, TargetModules};
 use crate::error::{Error, Result};
+use crate::model_weights::Checkpoint;
 
 /// Module names (the last dotted component) treated as `nn.Embedding`, as transformers names
 /// them; every other 2-D weight is a linear layer's.
@@ -276,7 +276,11 @@ pub fn extract(
         )));
     }
     let config = config_for(&modules, &all_2d)?;
-    let adapter = Adapter { config, modules, ..Default::default() };
+    let adapter = Adapter {
+        config,
+        modules,
+        ..Default::default()
+    };
     let replaced_params = report_modules
         .iter()
         .map(|m| m.shape.iter().product::<usize>())
@@ -359,6 +363,7 @@ fn extract_module(
         kind,
         a: Tensor::from_vec(a, (k, cols), &Device::Cpu)?,
         b: Tensor::from_vec(b, (rows, k), &Device::Cpu)?,
+        magnitude: None,
     };
     let e = ExtractedModule {
         module: module.to_string(),

@@ -118,7 +118,7 @@ pub fn output(base: &Tensor, lora: &Tensor, k: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::max_abs;
+    use crate::testutil::max_abs_diff as max_abs;
     use candle_core::Device;
 
     fn t(v: &[f32], shape: &[usize]) -> Tensor {

@@ -117,7 +117,7 @@ pub fn init(w: &Tensor, method: Method, r: usize, scale: f64, name: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::max_abs;
+    use crate::testutil::max_abs_diff as max_abs;
     use candle_core::Device;
 
     #[test]

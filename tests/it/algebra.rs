@@ -333,7 +333,12 @@ fn extract_at_full_rank_reproduces_the_merged_llama_and_finds_its_rank() {
 /// Writes `tensors` as `dir/model.safetensors`.
 fn write_ckpt(dir: &Path, tensors: &BTreeMap<String, Tensor>) {
     std::fs::create_dir_all(dir).unwrap();
-    tensor_file::save(&dir.join("model.safetensors"), tensors, &tensor_file::pt_metadata()).unwrap();
+    tensor_file::save(
+        &dir.join("model.safetensors"),
+        tensors,
+        &tensor_file::pt_metadata(),
+    )
+    .unwrap();
 }
 
 #[test]

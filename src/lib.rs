@@ -19,6 +19,7 @@ pub mod merge;
 pub mod models;
 mod ops;
 pub mod quickstart;
+pub mod serve;
 pub mod st;
 pub mod target;
 pub mod train;

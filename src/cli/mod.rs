@@ -9,6 +9,7 @@ mod inspect;
 mod logits;
 mod merge;
 mod quickstart;
+mod serve;
 mod train;
 
 /// LoRA fine-tuning, merging and inspection, compatible with Hugging Face PEFT.
@@ -42,6 +43,9 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Complete a prompt with a Llama-family model, streaming the tokens.
     Generate(generate::GenerateArgs),
+    /// Serve a base model and its adapters over an OpenAI-style HTTP API, requests for
+    /// different adapters batched together.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs the parsed command.
@@ -56,5 +60,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(*a),
+        Command::Serve(a) => serve::run(a),
     }
 }

@@ -214,3 +214,74 @@ impl Batcher {
         Ok(events)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The shipped quickstart model, without adapters.
+    fn quickstart() -> (tempfile::TempDir, Arc<Llama>) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in crate::quickstart::run::BASE_FILES {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let m = Llama::open(dir.path(), None, DType::F32, &Device::Cpu).unwrap();
+        (dir, Arc::new(m))
+    }
+
+    fn req(prompt: &[u32], max: usize) -> SeqRequest {
+        SeqRequest {
+            prompt: prompt.to_vec(),
+            adapter: None,
+            max_new_tokens: max,
+            sampling: Sampling::default(),
+            stop: vec![2],
+        }
+    }
+
+    #[test]
+    fn batched_sequences_get_generates_tokens_and_leave_when_done_or_cancelled() {
+        let (_dir, m) = quickstart();
+        let prompts: [&[u32]; 3] = [&[1, 40, 10, 7], &[1, 5, 6], &[1, 30, 31, 32, 33, 34]];
+        let mut b = Batcher::new(m.clone(), 2);
+        b.add(0, req(prompts[0], 9)).unwrap();
+        b.add(1, req(prompts[1], 0)).unwrap();
+        // The batch holds two sequences.
+        assert!(b.add(9, req(prompts[2], 5)).is_err());
+        let mut got: Vec<Vec<u32>> = vec![vec![]; 3];
+        let mut finished = [None; 3];
+        let mut steps = 0;
+        while !b.is_empty() {
+            for (id, ev) in b.step().unwrap() {
+                match ev {
+                    Event::Token(t) => got[id as usize].push(t),
+                    Event::Finished(f) => finished[id as usize] = Some(f),
+                }
+            }
+            steps += 1;
+            if steps == 1 {
+                // Sequence 1 (no tokens asked) has left: sequence 2 joins mid-way.
+                b.add(2, req(prompts[2], 20)).unwrap();
+            }
+            if steps == 4 {
+                assert!(b.cancel(2));
+            }
+        }
+        let alone = |p: &[u32], max: usize| {
+            let mut s = Sampler::new(Sampling::default()).unwrap();
+            crate::models::generate::<Error>(&m, p, max, &mut s, &[2], |_| Ok(())).unwrap()
+        };
+        assert_eq!(got[0], alone(prompts[0], 9));
+        assert!(!got[0].is_empty());
+        assert_eq!(finished[1], Some(Finish::Length));
+        assert!(got[1].is_empty());
+        // Cancelled after three of its steps: the first three tokens, then nothing.
+        assert_eq!(got[2], alone(prompts[2], 3));
+        assert_eq!(finished[2], None);
+        // Prompts that fill the context or leave the vocabulary are refused.
+        let long = vec![1u32; m.config().max_position_embeddings];
+        assert!(b.add(5, req(&long, 1)).is_err());
+        assert!(b.add(6, req(&[1, 999], 1)).is_err());
+    }
+}

@@ -21,6 +21,7 @@ pub mod merge;
 pub mod model_weights;
 pub mod models;
 mod ops;
+pub mod serve;
 pub mod target;
 pub mod tensor_file;
 pub mod train;

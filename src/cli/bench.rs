@@ -17,6 +17,10 @@ pub struct BenchArgs {
     /// Only the layer measurements (skip the Llama training step).
     #[arg(long)]
     layers_only: bool,
+    /// Only the serving measurements: 16 concurrent requests to one adapter and over 8
+    /// adapters (tokens/s, time to first token), and a 200-request HTTP load test.
+    #[arg(long, conflicts_with = "layers_only")]
+    serving: bool,
 }
 
 /// Runs `lora bench`: layer timings, the Llama LoRA training step, the memory ledger and the
@@ -37,11 +41,19 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         "threads".into(),
         candle_core::utils::get_num_threads().into(),
     );
-    let layer = lora::app::bench::layer_bench(runs)?;
-    if let serde_json::Value::Object(m) = serde_json::to_value(&layer)? {
-        res.extend(m);
+    if a.serving {
+        res.extend(super::serve::bench::throughput((runs / 3).max(3))?);
+        res.extend(super::serve::bench::load_test(
+            200,
+            std::time::Duration::from_secs(300),
+        )?);
+    } else {
+        let layer = lora::app::bench::layer_bench(runs)?;
+        if let serde_json::Value::Object(m) = serde_json::to_value(&layer)? {
+            res.extend(m);
+        }
     }
-    if !a.layers_only {
+    if !a.layers_only && !a.serving {
         let llama = lora::app::bench::llama_bench((runs / 3).max(5), Some(&crate::ALLOC))?;
         if let serde_json::Value::Object(m) = serde_json::to_value(&llama)? {
             res.extend(m);

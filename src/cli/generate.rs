@@ -45,7 +45,7 @@ pub struct GenerateArgs {
 }
 
 /// Loads `<model>/tokenizer.json`.
-fn load_tokenizer(model: &Path) -> anyhow::Result<Tokenizer> {
+pub(super) fn load_tokenizer(model: &Path) -> anyhow::Result<Tokenizer> {
     let path = model.join("tokenizer.json");
     if !path.is_file() {
         bail!(
@@ -57,7 +57,7 @@ fn load_tokenizer(model: &Path) -> anyhow::Result<Tokenizer> {
 }
 
 /// End-of-sequence ids from `generation_config.json`, if the folder has one.
-fn generation_eos(model: &Path) -> anyhow::Result<Vec<u32>> {
+pub(super) fn generation_eos(model: &Path) -> anyhow::Result<Vec<u32>> {
     let path = model.join("generation_config.json");
     if !path.is_file() {
         return Ok(vec![]);
@@ -105,7 +105,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     stop.extend(generation_eos(&a.model)?);
     let mut new = Vec::new();
     let mut printed = 0;
-    generate::<anyhow::Error>(
+    let done = generate::<anyhow::Error>(
         &model,
         &prompt,
         a.max_new_tokens,
@@ -115,7 +115,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             new.push(t);
             stream(&tok, &new, &mut printed)
         },
-    )?;
-    println!();
-    Ok(())
+    )
+    .and_then(|_| Ok(writeln!(std::io::stdout())?));
+    match done {
+        // The reader went away (`lora generate ... | head -1`): stop quietly, as Unix tools do.
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether `e` is a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

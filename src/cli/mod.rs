@@ -12,6 +12,7 @@ mod inspect;
 mod logits;
 mod merge;
 mod quickstart;
+mod serve;
 mod train;
 
 /// LoRA fine-tuning, merging and inspection, compatible with Hugging Face PEFT.
@@ -53,6 +54,9 @@ enum Command {
     Combine(Box<combine::CombineArgs>),
     /// Extract a LoRA adapter from a full fine-tune: truncated SVD of each changed weight.
     Extract(Box<extract::ExtractArgs>),
+    /// Serve a base model and its adapters over an OpenAI-style HTTP API, requests for
+    /// different adapters batched together.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs the parsed command.
@@ -70,5 +74,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Combine(a) => combine::run(*a),
         Command::Extract(a) => extract::run(*a),
         Command::ConvertInit(a) => convert_init::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

@@ -46,7 +46,9 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraEmbedding, LoraLinear, Mergeable};
 use crate::model_weights::Checkpoint;
 
+mod batch;
 mod fused;
+pub use batch::{BatchSeq, ServeAdapter};
 pub use fused::{FusedGrads, FusedOptions};
 
 /// How [`Llama::open`] adds LoRA: new adapters from a config, or a saved adapter.
@@ -241,7 +243,24 @@ impl Attention {
         step: &Step,
         kv: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let q = self.q.forward_t(x, step.train)?;
+        let k = self.k.forward_t(x, step.train)?;
+        let v = self.v.forward_t(x, step.train)?;
+        let y = self.attend(q, k, v, step, kv)?;
+        self.o.forward_t(&y, step.train)
+    }
+
+    /// Attention from the projections `q: [b, t, h·d]`, `k`, `v: [b, t, kv·d]` to the input of
+    /// `o_proj` `[b, t, h·d]`: RoPE, the KV cache `kv` (extended), scaled masked softmax.
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        step: &Step,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?) // [b, n, t, d]
@@ -258,9 +277,9 @@ impl Attention {
             }
             apply_rope(&heads(y, n)?, step.cos, step.sin)
         };
-        let q = rope(self.q.forward_t(x, step.train)?, h)?; // [b, h, t, d], contiguous
-        let k = rope(self.k.forward_t(x, step.train)?, kvh)?; // [b, kv, t, d]
-        let v = heads(self.v.forward_t(x, step.train)?, kvh)?.contiguous()?;
+        let q = rope(q, h)?; // [b, h, t, d], contiguous
+        let k = rope(k, kvh)?; // [b, kv, t, d]
+        let v = heads(v, kvh)?.contiguous()?;
         let (k, v) = match kv {
             None => (k, v),
             Some(slot) => {
@@ -290,7 +309,7 @@ impl Attention {
                 .reshape((b, h, t, d))?
                 .transpose(1, 2)?
                 .reshape((b, t, h * d))?;
-            return self.o.forward_t(&y, step.train);
+            return Ok(y);
         }
         let scores = (raw * scale)?;
         let scores = scores.reshape((b, h, t, s))?.to_dtype(DType::F32)?;
@@ -304,7 +323,7 @@ impl Attention {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?;
-        self.o.forward_t(&y, step.train)
+        Ok(y)
     }
 
     fn linears_mut(&mut self) -> [&mut LoraLinear; 4] {
@@ -333,15 +352,18 @@ impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let g = self.gate.forward_t(x, train)?;
         let u = self.up.forward_t(x, train)?;
-        if crate::ops::fusable(&g) && crate::ops::fusable(&u) {
-            // silu(g) ⊙ u in one op with its own backward (see `ops::swiglu`).
-            let h = g
-                .contiguous()?
-                .apply_op2(&u.contiguous()?, crate::ops::SwiGluOp)?;
-            return self.down.forward_t(&h, train);
-        }
-        self.down.forward_t(&(g.silu()? * u)?, train)
+        self.down.forward_t(&swiglu(&g, &u)?, train)
     }
+}
+
+/// `silu(g) ⊙ u`: on the CPU in f32 one op with its own backward (see `ops::swiglu`).
+fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if crate::ops::fusable(g) && crate::ops::fusable(u) {
+        return Ok(g
+            .contiguous()?
+            .apply_op2(&u.contiguous()?, crate::ops::SwiGluOp)?);
+    }
+    Ok((g.silu()? * u)?)
 }
 
 /// One decoder layer (pre-norm residual attention, then pre-norm residual MLP).

@@ -12,7 +12,9 @@ pub mod loss;
 
 pub use config::{Arch, LlamaConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
 pub use generate::{generate, Sampler, Sampling};
-pub use llama::{Cache, FusedGrads, FusedOptions, Llama, LoraInit, RmsNorm};
+pub use llama::{
+    BatchSeq, Cache, FusedGrads, FusedOptions, Llama, LoraInit, RmsNorm, ServeAdapter,
+};
 
 /// A causal language model: token ids in, next-token logits out.
 pub trait CausalLm {

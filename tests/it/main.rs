@@ -12,6 +12,7 @@ mod llama;
 mod merge;
 mod pissa;
 mod quickstart;
+mod serve;
 mod tinynet;
 mod train;
 

@@ -37,7 +37,7 @@ use crate::adapter::Adapter;
 use crate::config::ModuleKind;
 use crate::error::{Error, Result};
 use crate::layers::LoraLinear;
-use crate::ops::vecmath::dot;
+use crate::kernels::vecmath::dot;
 
 /// The decoder linears of one layer, in [`ServeAdapter`]'s slot order.
 const SLOTS: [&str; 7] = [
@@ -460,7 +460,7 @@ mod tests {
         }
         // The adapters change the output (the comparison above is not base against base).
         let ids = Tensor::new(&[[3u32, 7, 1]], &Device::Cpu).unwrap();
-        let d = crate::testutil::max_abs(
+        let d = crate::testutil::max_abs_diff(
             &adapted.forward_t(&ids, false).unwrap(),
             &base.forward_t(&ids, false).unwrap(),
         );

@@ -243,7 +243,8 @@ pub struct LoraConfig {
     /// A trainable bias on `lora_B` (not supported yet: refused).
     #[serde(default)]
     pub lora_bias: bool,
-    /// Whole modules trained in full and saved with the adapter (not supported yet: refused).
+    /// Whole modules trained in full and saved with the adapter (PEFT's suffix match on module
+    /// names; `SEQ_CLS` adds `classifier` and `score`, see [`crate::adapter::modules_to_save`]).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// DoRA (not supported yet: refused).
@@ -407,7 +408,7 @@ impl LoraConfig {
     }
 
     /// Refuses PEFT features this library would otherwise apply wrongly (DoRA, `lora_bias`,
-    /// trained biases, `modules_to_save`, trainable tokens, base-rewriting inits, ...).
+    /// trained biases, trainable tokens, base-rewriting inits, ...).
     pub fn check_supported(&self) -> Result<()> {
         let refuse = |feature: &str, detail: String| {
             Err(Error::UnsupportedFeature {
@@ -425,12 +426,6 @@ impl LoraConfig {
             return refuse(
                 "bias",
                 format!("trained base biases (bias: {:?})", self.bias),
-            );
-        }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return refuse(
-                "modules_to_save",
-                format!("fully trained modules {:?}", self.modules_to_save),
             );
         }
         if self.init_lora_weights.mutates_base() {
@@ -637,7 +632,6 @@ mod tests {
         assert!(refused(r#"{"lora_bias": true}"#).contains("lora_bias"));
         assert!(refused(r#"{"trainable_token_indices": [1, 2]}"#).contains("trainable_token"));
         assert!(refused(r#"{"init_lora_weights": "pissa"}"#).contains("pissa"));
-        assert!(refused(r#"{"modules_to_save": ["head"]}"#).contains("modules_to_save"));
         let ok: LoraConfig =
             serde_json::from_str(r#"{"trainable_token_indices": null, "loftq_config": {}}"#)
                 .unwrap();

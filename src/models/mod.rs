@@ -5,10 +5,14 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
+pub mod bert;
+pub mod classifier;
 pub mod config;
 pub mod generate;
 pub mod llama;
 
+pub use bert::{Bert, BertConfig};
+pub use classifier::{classification_loss, Classifier, ClassifierInputs};
 pub use config::{Arch, LlamaConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
 pub use generate::{generate, Sampler, Sampling};
 pub use llama::{Cache, FusedGrads, FusedOptions, Llama, LoraInit, RmsNorm};

@@ -39,6 +39,7 @@ fn setup(dir: &std::path::Path) {
     let adapter = Adapter {
         config: LoraConfig::new(8, 16.0, &["proj"]),
         modules,
+        saved: Default::default(),
     };
     adapter.save(&dir.join("adapter")).unwrap();
 }

@@ -9,5 +9,6 @@ mod kill_resume;
 mod llama;
 mod merge;
 mod quickstart;
+mod seqcls;
 mod tinynet;
 mod train;

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod embed;
 mod generate;
 mod inspect;
 mod logits;
@@ -42,6 +43,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Complete a prompt with a Llama-family model, streaming the tokens.
     Generate(generate::GenerateArgs),
+    /// Sentence embeddings of a JSONL file's texts with a BERT sentence-transformers model.
+    Embed(embed::EmbedArgs),
 }
 
 /// Runs the parsed command.
@@ -56,5 +59,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(*a),
+        Command::Embed(a) => embed::run(a),
     }
 }

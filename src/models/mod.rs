@@ -10,12 +10,14 @@ pub mod classifier;
 pub mod config;
 pub mod generate;
 pub mod llama;
+pub mod sentence;
 
 pub use bert::{Bert, BertConfig};
 pub use classifier::{classification_loss, Classifier, ClassifierInputs};
 pub use config::{Arch, LlamaConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
 pub use generate::{generate, Sampler, Sampling};
 pub use llama::{Cache, FusedGrads, FusedOptions, Llama, LoraInit, RmsNorm};
+pub use sentence::{Pooling, SentenceEncoder};
 
 /// A causal language model: token ids in, next-token logits out.
 pub trait CausalLm {

@@ -8,6 +8,7 @@ mod demo;
 mod kill_resume;
 mod llama;
 mod merge;
+mod minilm;
 mod quickstart;
 mod seqcls;
 mod tinynet;

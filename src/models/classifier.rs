@@ -43,6 +43,22 @@ impl Classifier {
     /// Opens a `*ForSequenceClassification` model folder (the family from `config.json`'s
     /// `model_type` / `architectures`), weights as `dtype` on `device`, LoRA as `lora` says.
     pub fn open(dir: &Path, lora: Option<LoraInit>, dtype: DType, device: &Device) -> Result<Self> {
+        let vb = LoraBuilder::new(
+            crate::checkpoint::Checkpoint::open(dir)?,
+            dtype,
+            device.clone(),
+        );
+        let vb = match lora {
+            None => vb,
+            Some(LoraInit::New(c)) => vb.with_config(c)?,
+            Some(LoraInit::Adapter(a)) => vb.with_adapter(a)?,
+        };
+        Self::from_builder(dir, &vb)
+    }
+
+    /// Builds the classifier of the folder `dir` (its `config.json`) from `vb`, a builder over
+    /// its weights (with LoRA, full fine-tuning, ...).
+    pub fn from_builder(dir: &Path, vb: &LoraBuilder) -> Result<Self> {
         let file = dir.join(super::config::CONFIG_JSON);
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadJson {
@@ -50,9 +66,10 @@ impl Classifier {
             reason: e.to_string(),
         })?;
         let m = if BertConfig::describes(&raw) {
-            Classifier::Bert(Bert::open(dir, lora, dtype, device)?)
+            Classifier::Bert(Bert::load(&BertConfig::from_dir(dir)?, vb)?)
         } else {
-            Classifier::Llama(Llama::open(dir, lora, dtype, device)?)
+            let cfg = super::config::LlamaConfig::from_dir(dir)?;
+            Classifier::Llama(Llama::load(&cfg, vb)?)
         };
         if !m.is_classifier() {
             return Err(Error::Unsupported {

@@ -24,6 +24,7 @@
 //! `loss.png` and the `checkpoint-<step>` folders.
 
 pub mod checkpoint;
+pub mod classify;
 pub mod data;
 pub mod loss;
 pub mod metrics;

@@ -216,3 +216,104 @@ fn bert_seq_cls_adamw_step_on_lora_and_head_matches_peft() {
 fn llama_seq_cls_adamw_step_on_lora_and_head_matches_peft() {
     one_adamw_step_matches("llama_cls");
 }
+
+/// `lora train` on labelled `input_ids` JSONL, then `lora inspect` and `lora logits` on the
+/// result: the saved SEQ_CLS adapter carries the trained head under PEFT's key, and the logits
+/// the CLI writes are the classifier's `[batch, num_labels]` with that adapter.
+#[test]
+fn cli_trains_a_bert_classifier_and_runs_inspect_and_logits() {
+    use std::process::Command;
+    let fx = Fx::new("bert_cls");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let mut lines = String::new();
+    for i in 0..8u32 {
+        let ids: Vec<u32> = (0..6).map(|j| 1 + (i * 7 + j * 3) % 120).collect();
+        lines += &format!("{{\"input_ids\": {ids:?}, \"label\": {}}}\n", i % 3);
+    }
+    std::fs::write(&data, lines).unwrap();
+    let out = dir.path().join("out");
+    let st = Command::new(crate::common::lora_bin())
+        .args(["train", "--model"])
+        .arg(fx.dir("base"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--eval-data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--dropout",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&st.stdout);
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(
+        stdout.contains("eval: loss") && stdout.contains("accuracy"),
+        "{stdout}"
+    );
+    let ad = Adapter::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(ad.config.task_type.as_deref(), Some("SEQ_CLS"));
+    assert_eq!(
+        ad.saved.keys().collect::<Vec<_>>(),
+        ["classifier.bias", "classifier.weight"]
+    );
+    assert_eq!(ad.modules.len(), 4, "query and value of 2 layers");
+    // The head moved away from the base's.
+    let base_head = Checkpoint::open(&fx.dir("base"))
+        .unwrap()
+        .tensor("classifier.weight", &Device::Cpu)
+        .unwrap();
+    assert!(max_abs_diff(&ad.saved["classifier.weight"], &base_head) > 1e-4);
+
+    let inspect = Command::new(crate::common::lora_bin())
+        .arg("inspect")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains("modules_to_save") && text.contains("classifier.weight"),
+        "{text}"
+    );
+
+    let logits_out = dir.path().join("logits.safetensors");
+    let st = Command::new(crate::common::lora_bin())
+        .args(["logits", "--model"])
+        .arg(fx.dir("base"))
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--ids")
+        .arg(fixture("bert_cls/io.safetensors"))
+        .arg("--out")
+        .arg(&logits_out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let got = SafeFile::open(&logits_out)
+        .unwrap()
+        .tensor("logits", &Device::Cpu)
+        .unwrap();
+    let want = fx
+        .open(Some(ad.into()))
+        .logits(&fx.inputs(), false)
+        .unwrap();
+    assert_eq!(got.dims(), [3, 3]);
+    assert!(max_abs_diff(&got, &want) < 1e-6);
+}

@@ -139,12 +139,15 @@ pub fn run(a: LogitsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether `<model>/config.json` names a `*ForSequenceClassification`.
+/// Whether `<model>/config.json` names a `*ForSequenceClassification`. An unreadable or
+/// malformed config is `false` here: the model loader then reports it.
 pub fn is_classifier(model: &Path) -> anyhow::Result<bool> {
-    let file = model.join("config.json");
-    let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+    let Ok(text) = std::fs::read_to_string(model.join("config.json")) else {
+        return Ok(false);
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(false);
+    };
     Ok(v.get("architectures")
         .and_then(|a| a.get(0))
         .and_then(|a| a.as_str())

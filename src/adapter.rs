@@ -146,8 +146,8 @@ impl ModuleAdapter {
     }
 }
 
-/// A LoRA adapter: its config and the factors of every adapted module, keyed by module name
-/// (without the `base_model.model.` prefix).
+/// A LoRA adapter: its config, the factors of every adapted module, keyed by module name
+/// (without the `base_model.model.` prefix), and the full copies of its `modules_to_save`.
 #[derive(Debug, Clone, Default)]
 pub struct Adapter {
     /// The adapter's config.
@@ -159,6 +159,33 @@ pub struct Adapter {
     /// it into the model's base weight, so merging and building use it in place of the
     /// checkpoint's weight.
     pub base_layers: BTreeMap<String, Tensor>,
+    /// `modules_to_save`: tensor name (`classifier.weight`, without the prefix) → its trained
+    /// full value, which replaces the base tensor. PEFT saves them under the module's own name
+    /// (`base_model.model.classifier.weight`), not under `.modules_to_save.default.`.
+    pub saved: BTreeMap<String, Tensor>,
+}
+
+/// The modules PEFT trains in full and saves: the config's `modules_to_save`, plus `classifier`
+/// and `score` for `task_type: "SEQ_CLS"`, as `PeftModelForSequenceClassification` adds them.
+pub fn modules_to_save(cfg: &LoraConfig) -> Vec<String> {
+    let mut v = cfg.modules_to_save.clone().unwrap_or_default();
+    if cfg.task_type.as_deref() == Some("SEQ_CLS") {
+        for m in ["classifier", "score"] {
+            if !v.iter().any(|x| x == m) {
+                v.push(m.to_string());
+            }
+        }
+    }
+    v
+}
+
+/// Whether `module` (a full dotted name) is one of `list` by PEFT's rule (`_set_trainable`:
+/// the name ends with a listed string).
+pub fn is_saved_module(list: &[String], module: &str) -> bool {
+    !module.is_empty()
+        && list
+            .iter()
+            .any(|m| !m.is_empty() && module.ends_with(m.as_str()))
 }
 
 impl Adapter {
@@ -172,9 +199,13 @@ impl Adapter {
         Ok(self.config.scaling(self.config.alpha_for(module), m.rank()))
     }
 
-    /// Total trainable parameter count.
+    /// Total trainable parameter count (factors and `modules_to_save` copies).
     pub fn num_params(&self) -> usize {
-        self.modules.values().map(ModuleAdapter::num_params).sum()
+        self.modules
+            .values()
+            .map(ModuleAdapter::num_params)
+            .sum::<usize>()
+            + self.saved.values().map(Tensor::elem_count).sum::<usize>()
     }
 
     /// Loads and validates an adapter directory onto `dev` (tensors in their stored dtype).
@@ -209,8 +240,8 @@ impl Adapter {
             });
         }
         let file = SafeFile::open(&weights)?;
-        let (all, copies) = read_modules(&file, dev)?;
-        if all.is_empty() {
+        let (all, copies, saved) = read_modules(&file, &modules_to_save(&config), dev)?;
+        if all.is_empty() && saved.is_empty() {
             return Err(Error::MissingTensor {
                 key: "lora_A/lora_B".into(),
                 file: Some(weights),
@@ -264,7 +295,7 @@ impl Adapter {
                 _ => {}
             }
         }
-        if modules.is_empty() {
+        if modules.is_empty() && saved.is_empty() {
             return Err(Error::Config(format!(
                 "{}: target_modules matches none of the {} modules in {}, so PEFT would load nothing",
                 dir.join(CONFIG_FILE).display(),
@@ -277,6 +308,7 @@ impl Adapter {
                 config,
                 modules,
                 base_layers,
+                saved,
             },
             ignored,
         ))
@@ -307,6 +339,9 @@ impl Adapter {
                 t.to_dtype(DType::F32)?,
             );
         }
+        for (name, t) in &self.saved {
+            tensors.insert(format!("{}{name}", keys::PREFIX), t.to_dtype(DType::F32)?);
+        }
         tensor_file::save(
             &dir.join(WEIGHTS_FILE),
             &tensors,
@@ -325,6 +360,27 @@ impl Adapter {
         base_shapes: &BTreeMap<String, Vec<usize>>,
         file: &Path,
     ) -> Result<()> {
+        for (name, t) in &self.saved {
+            match base_shapes.get(name) {
+                None => {
+                    return Err(Error::UnusedTensor {
+                        key: format!("{}{name}", keys::PREFIX),
+                        file: file.to_path_buf(),
+                        hint: format!(
+                            "a modules_to_save copy, but the base has no `{name}`: is this an adapter for another model?"
+                        ),
+                    })
+                }
+                Some(shape) if shape.as_slice() != t.dims() => {
+                    return Err(Error::ShapeMismatch {
+                        key: name.clone(),
+                        got: t.dims().to_vec(),
+                        what: format!("the base tensor `{name}` of shape {shape:?}"),
+                    })
+                }
+                _ => {}
+            }
+        }
         for (name, m) in &self.modules {
             let key = format!("{name}.weight");
             let Some(shape) = base_shapes.get(&key) else {
@@ -365,15 +421,48 @@ impl Adapter {
     }
 }
 
+/// A `modules_to_save` tensor name (`classifier.weight`) for `key`, if it is one: the prefix is
+/// optional and the in-memory form `classifier.modules_to_save.<adapter>.weight` is accepted.
+fn saved_name(key: &str, saved: &[String]) -> Option<String> {
+    let path = key.strip_prefix(keys::PREFIX).unwrap_or(key);
+    let path = match path.split_once(".modules_to_save.") {
+        Some((head, rest)) => format!("{head}.{}", rest.split_once('.')?.1),
+        None => path.to_string(),
+    };
+    let (module, _leaf) = path.rsplit_once('.')?;
+    is_saved_module(saved, module).then_some(path)
+}
+
 type Modules = BTreeMap<String, ModuleAdapter>;
 
-/// Groups the file's keys into modules and validates each; base-weight copies apart.
-fn read_modules(file: &SafeFile, dev: &Device) -> Result<(Modules, BTreeMap<String, Tensor>)> {
+/// The adapter's modules, its base-weight copies and its `modules_to_save` tensors.
+type Contents = (Modules, BTreeMap<String, Tensor>, BTreeMap<String, Tensor>);
+
+/// Groups the file's keys into modules and validates each; base-weight copies apart; keys of
+/// `saved` modules (see [`is_saved_module`]) are full tensors.
+fn read_modules(file: &SafeFile, saved: &[String], dev: &Device) -> Result<Contents> {
     let path = file.path();
     let mut parts: BTreeMap<String, BTreeMap<Factor, Tensor>> = BTreeMap::new();
+    let mut full = BTreeMap::new();
     let mut copies = BTreeMap::new();
     for key in file.names() {
-        let (module, factor) = keys::parse(&key, path)?;
+        let (module, factor) = match keys::parse(&key, path) {
+            Ok(p) => p,
+            Err(e) => match saved_name(&key, saved) {
+                Some(name) => {
+                    let t = file.tensor(&key, dev)?;
+                    crate::layers::check_finite(&t, &key, "loading the adapter")?;
+                    if full.insert(name, t).is_some() {
+                        return Err(Error::BadSafetensors {
+                            path: path.into(),
+                            reason: format!("modules_to_save tensor `{key}` appears twice"),
+                        });
+                    }
+                    continue;
+                }
+                None => return Err(e),
+            },
+        };
         if factor == Factor::BaseWeight {
             let t = file.tensor(&key, dev)?;
             crate::layers::check_finite(&t, &key, "loading the adapter")?;
@@ -408,7 +497,7 @@ fn read_modules(file: &SafeFile, dev: &Device) -> Result<(Modules, BTreeMap<Stri
             hint: "a base-weight copy of a module with no LoRA factors".into(),
         });
     }
-    Ok((modules, copies))
+    Ok((modules, copies, full))
 }
 
 fn module_from_parts(

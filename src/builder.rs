@@ -43,6 +43,10 @@ pub trait TensorSource: Send + Sync {
     fn get(&self, name: &str, dev: &Device) -> Result<Option<Tensor>>;
     /// A description for messages (a path).
     fn describe(&self) -> String;
+    /// Whether the tensor `name` exists (the default loads it to find out).
+    fn contains(&self, name: &str) -> bool {
+        self.get(name, &Device::Cpu).is_ok_and(|t| t.is_some())
+    }
 }
 
 impl TensorSource for Checkpoint {
@@ -54,6 +58,9 @@ impl TensorSource for Checkpoint {
     }
     fn describe(&self) -> String {
         self.dir.display().to_string()
+    }
+    fn contains(&self, name: &str) -> bool {
+        Checkpoint::contains(self, name)
     }
 }
 
@@ -120,6 +127,8 @@ struct State {
     modules: BTreeSet<String>,
     /// Modules that hold tensors but are no LoRA-able layer (norms, ...), by name.
     other_modules: BTreeSet<String>,
+    /// `modules_to_save` copies: tensor name (`classifier.weight`) → its trainable variable.
+    saved: BTreeMap<String, Var>,
     /// Bytes of every base tensor loaded so far (in the builder's dtype).
     loaded_bytes: usize,
 }
@@ -168,9 +177,15 @@ impl LoraBuilder {
     }
 
     /// Adds new adapters where `config` targets (initialised by `config.init_lora_weights`).
-    pub fn with_config(self, config: LoraConfig) -> Result<Self> {
+    /// Modules in `modules_to_save` (with `classifier` and `score` added for `SEQ_CLS`, as PEFT
+    /// does, also in the saved config) become trainable full copies.
+    pub fn with_config(self, mut config: LoraConfig) -> Result<Self> {
         config.validate()?;
         config.check_supported()?;
+        let saved = crate::adapter::modules_to_save(&config);
+        if !saved.is_empty() {
+            config.modules_to_save = Some(saved);
+        }
         self.edit(|i| i.config = Some(config))
     }
 
@@ -230,6 +245,16 @@ impl LoraBuilder {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the source has the tensor `<name>.<leaf>` (for optional parts and layouts).
+    pub fn contains(&self, leaf: &str) -> bool {
+        let key = if self.path.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.name())
+        };
+        self.inner.source.contains(&key)
+    }
+
     /// Loads `<name>.<leaf>` with the expected shape, as the builder's dtype.
     fn load(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
         let key = if self.path.is_empty() {
@@ -265,9 +290,61 @@ impl LoraBuilder {
             .is_ok_and(|t| t.is_some())
     }
 
+    /// Whether the current module is one of the config's `modules_to_save` (PEFT's suffix
+    /// rule), so that it is built as a trainable full copy.
+    fn is_saved(&self) -> bool {
+        !self.inner.full
+            && self.inner.config.as_ref().is_some_and(|c| {
+                crate::adapter::is_saved_module(
+                    c.modules_to_save.as_deref().unwrap_or(&[]),
+                    &self.name(),
+                )
+            })
+    }
+
+    /// Loads `<name>.<leaf>` for a `modules_to_save` module: the loaded adapter's copy when it
+    /// has one (same shape), else the base tensor.
+    fn load_saved(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        let base = self.load(leaf, shape)?;
+        let key = format!("{}.{leaf}", self.name());
+        let Some(t) = self
+            .inner
+            .init_from
+            .as_ref()
+            .and_then(|a| a.saved.get(&key))
+        else {
+            return Ok(base);
+        };
+        if t.dims() != shape {
+            return Err(Error::ShapeMismatch {
+                key: format!("{}{key}", crate::keys::PREFIX),
+                got: t.dims().to_vec(),
+                what: format!("the model's `{key}` (expected {shape:?})"),
+            });
+        }
+        Ok(t.to_dtype(self.inner.dtype)?)
+    }
+
+    /// Records trainable `modules_to_save` variables under `<name>.<leaf>`.
+    fn register_saved(&self, leaves: &[&str], vars: Vec<Var>) {
+        let name = self.name();
+        let mut st = self.state();
+        st.modules.insert(name.clone());
+        for (leaf, v) in leaves.iter().zip(vars) {
+            let key = format!("{name}.{leaf}");
+            st.trainable.push((key.clone(), v.clone()));
+            st.saved.insert(key, v);
+        }
+    }
+
     /// A tensor that is not part of a LoRA-able layer (a norm weight, say): frozen, or a
-    /// trainable variable under full fine-tuning.
+    /// trainable variable under full fine-tuning or when its module is in `modules_to_save`.
     pub fn tensor(&self, leaf: &str, shape: &[usize]) -> Result<Tensor> {
+        if self.is_saved() {
+            let v = Var::from_tensor(&self.load_saved(leaf, shape)?)?;
+            self.register_saved(&[leaf], vec![v.clone()]);
+            return Ok(v.as_tensor().clone());
+        }
         if !self.path.is_empty() {
             self.state().other_modules.insert(self.name());
         }
@@ -418,6 +495,15 @@ impl LoraBuilder {
 
     /// A linear layer `[out, in]` (with bias if `bias`), adapted where targeted.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<LoraLinear> {
+        if self.is_saved() {
+            let w = self.load_saved("weight", &[out_dim, in_dim])?;
+            let b = bias
+                .then(|| self.load_saved("bias", &[out_dim]))
+                .transpose()?;
+            let l = LoraLinear::trainable(&w, b.as_ref())?;
+            self.register_saved(&["weight", "bias"], l.trainable_vars());
+            return Ok(l);
+        }
         let w = self.load("weight", &[out_dim, in_dim])?;
         let b = bias.then(|| self.load("bias", &[out_dim])).transpose()?;
         self.linear_with(w, b)
@@ -494,8 +580,14 @@ impl LoraBuilder {
         Ok(layer)
     }
 
-    /// An embedding table `[vocab, dim]`, adapted where targeted.
+    /// An embedding table `[vocab, dim]`, adapted where targeted, or a trainable full copy when
+    /// in `modules_to_save`.
     pub fn embedding(&self, vocab: usize, dim: usize) -> Result<LoraEmbedding> {
+        if self.is_saved() {
+            let e = LoraEmbedding::trainable(&self.load_saved("weight", &[vocab, dim])?)?;
+            self.register_saved(&["weight"], e.trainable_vars());
+            return Ok(e);
+        }
         let t = self.load("weight", &[vocab, dim])?;
         if self.inner.full {
             self.state().modules.insert(self.name());
@@ -596,6 +688,11 @@ impl LoraBuilder {
         self.state().modules.iter().cloned().collect()
     }
 
+    /// Names of the `modules_to_save` tensors built as trainable copies (`classifier.weight`).
+    pub fn saved_tensors(&self) -> Vec<String> {
+        self.state().saved.keys().cloned().collect()
+    }
+
     /// Names of the modules that got an adapter.
     pub fn adapted_modules(&self) -> Vec<String> {
         self.state().adapters.keys().cloned().collect()
@@ -633,10 +730,17 @@ impl LoraBuilder {
                 Ok((n.clone(), m))
             })
             .collect::<Result<_>>()?;
+        let saved = self
+            .state()
+            .saved
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect::<Result<_>>()?;
         Ok(Adapter {
             config,
             modules,
             base_layers,
+            saved,
         })
     }
 
@@ -652,6 +756,13 @@ impl LoraBuilder {
                     hint: format!(
                         "the model has no module `{name}`: is this an adapter for another model?"
                     ),
+                });
+            }
+            if let Some(name) = a.saved.keys().find(|n| !st.saved.contains_key(*n)) {
+                return Err(Error::UnusedTensor {
+                    key: format!("{}{name}", crate::keys::PREFIX),
+                    file: "the adapter".into(),
+                    hint: "a modules_to_save tensor the model does not have: is this an adapter for another model?".into(),
                 });
             }
         }
@@ -674,7 +785,11 @@ impl LoraBuilder {
                 )));
             }
         }
-        if self.inner.config.is_some() && st.adapters.is_empty() && !self.inner.full {
+        if self.inner.config.is_some()
+            && st.adapters.is_empty()
+            && st.saved.is_empty()
+            && !self.inner.full
+        {
             let cfg = self.inner.config.as_ref().map(|c| c.target_modules.clone());
             return Err(Error::Config(format!(
                 "target_modules {} matched no module of the model; its modules include: {}",

@@ -253,7 +253,8 @@ pub struct LoraConfig {
     /// A trainable bias on `lora_B` (not supported yet: refused).
     #[serde(default)]
     pub lora_bias: bool,
-    /// Whole modules trained in full and saved with the adapter (not supported yet: refused).
+    /// Whole modules trained in full and saved with the adapter (PEFT's suffix match on module
+    /// names; `SEQ_CLS` adds `classifier` and `score`, see [`crate::adapter::modules_to_save`]).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// DoRA (not supported yet: refused).
@@ -715,7 +716,7 @@ impl LoraConfig {
     }
 
     /// Refuses PEFT features this library would otherwise apply wrongly (DoRA, `lora_bias`,
-    /// `modules_to_save`, trainable tokens, base-rewriting inits, ...). Trained biases
+    /// trainable tokens, base-rewriting inits, ...). Trained biases
     /// (`bias`) are refused by the builder, only where the model has such a bias.
     pub fn check_supported(&self) -> Result<()> {
         let refuse = |feature: &str, detail: String| {
@@ -737,12 +738,6 @@ impl LoraConfig {
         // (targeted) layers have no bias PEFT trains nothing more and saves the same file as
         // `bias: "none"` (`tuners_utils.py` `_mark_only_adapters_as_trainable`,
         // `_get_learnable_bias_state_dict`).
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return refuse(
-                "modules_to_save",
-                format!("fully trained modules {:?}", self.modules_to_save),
-            );
-        }
         let implemented = |m: &InitLoraWeights| match m {
             InitLoraWeights::Other(s) => crate::layers::pissa::Method::parse(s).is_some(),
             _ => false,
@@ -957,7 +952,6 @@ mod tests {
         assert!(refused(r#"{"init_lora_weights": "loftq"}"#).contains("loftq"));
         let pissa: LoraConfig = serde_json::from_str(r#"{"init_lora_weights": "pissa"}"#).unwrap();
         pissa.check_supported().unwrap();
-        assert!(refused(r#"{"modules_to_save": ["head"]}"#).contains("modules_to_save"));
         let ok: LoraConfig =
             serde_json::from_str(r#"{"trainable_token_indices": null, "loftq_config": {}}"#)
                 .unwrap();

@@ -7,7 +7,10 @@
 //! Only the modules the adapter's config targets are merged ([`Adapter::load`] keeps those).
 //! DoRA adapters merge as `k ⊙ (W + ΔW)`, `k = m/‖W + ΔW‖` ([`crate::layers::dora`]); they
 //! cannot be unmerged from a merged checkpoint, because the norm needs the original `W`
-//! (refused with a one-line error). Every other tensor is copied byte for byte. The base is
+//! (refused with a one-line error). The adapter's `modules_to_save` copies (a classifier head,
+//! say) replace the base tensors of the same name, as PEFT's `merge_and_unload` keeps the trained
+//! copy; such a merge cannot be undone, so unmerging an adapter that has them is refused. Every
+//! other tensor is copied byte for byte. The base is
 //! memory-mapped and only one tensor is held at a time; sharded checkpoints keep their shard
 //! layout and index. Outputs are written to a temporary file or folder and renamed into place,
 //! so an interrupted merge leaves nothing under the output name, and the base is only read.
@@ -103,6 +106,14 @@ pub fn merge_checkpoint(
         ckpt.shards()[0].path().to_path_buf()
     };
     adapter.check_fits(&ckpt.shapes()?, &weights_file)?;
+    if opts.direction == Direction::Unmerge && !adapter.saved.is_empty() {
+        return Err(Error::UnsupportedFeature {
+            feature: "modules_to_save".into(),
+            detail: "unmerging an adapter with modules_to_save: the merge replaced those \
+                     modules, so their base values are gone"
+                .into(),
+        });
+    }
     check_output(base, out, opts.force)?;
     let deltas = Deltas {
         adapter,
@@ -225,7 +236,7 @@ fn write_shard(ckpt: &Checkpoint, i: usize, out: &Path, d: &Deltas) -> Result<us
         .into_iter()
         .map(|name| {
             let (dtype, shape) = shard.info(&name)?;
-            if d.module_of(&name).is_some()
+            if (d.module_of(&name).is_some() || d.adapter.saved.contains_key(&name))
                 && !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
             {
                 return Err(Error::Module {
@@ -238,6 +249,9 @@ fn write_shard(ckpt: &Checkpoint, i: usize, out: &Path, d: &Deltas) -> Result<us
         .collect::<Result<_>>()?;
     let n = entries.len();
     tensor_file::write_streaming(out, entries, &shard.metadata(), |e| {
+        if let Some(t) = d.adapter.saved.get(&e.name) {
+            return tensor_file::tensor_bytes(&t.to_dtype(e.dtype)?);
+        }
         match d.module_of(&e.name) {
             Some(module) => {
                 let merged = d.apply(
@@ -330,6 +344,15 @@ fn verify(ckpt: &Checkpoint, adapter: &Adapter, out: &Path, direction: Direction
         let want = d.apply(module, &d.base(module, ckpt.tensor(&name, &Device::Cpu)?)?)?;
         let got = written.tensor(&name, &Device::Cpu)?.to_dtype(DType::F32)?;
         let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        worst = worst.max(diff);
+    }
+    for (name, want) in &adapter.saved {
+        let got = written.tensor(name, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let diff = (got - want.to_dtype(DType::F32)?)?
             .abs()?
             .flatten_all()?
             .max(0)?

@@ -36,6 +36,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
                 "task_type": cfg.task_type, "base_model_name_or_path": cfg.base_model_name_or_path,
             },
             "modules": modules,
+            "modules_to_save": adapter.saved.iter()
+                .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "trainable_params": adapter.num_params(),
             "bytes_on_disk": bytes,
         });
@@ -90,6 +93,16 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             m.scale,
             m.params
         );
+    }
+    if !adapter.saved.is_empty() {
+        println!("\nmodules_to_save (full trained copies, replace the base tensors)");
+        for (n, t) in &adapter.saved {
+            println!(
+                "{n:<w$}  {:>14} {:>9}",
+                format!("{:?}", t.dims()),
+                t.elem_count()
+            );
+        }
     }
     println!(
         "\n{} modules, {} trainable parameters, {} bytes on disk",

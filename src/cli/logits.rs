@@ -1,5 +1,9 @@
 //! `lora logits`: run a Llama-family model (optionally with an adapter) on token ids from a
 //! safetensors file and write the logits, for comparison with transformers + PEFT.
+//!
+//! A `*ForSequenceClassification` checkpoint (BERT, Llama, Mistral, Qwen2) gives
+//! `logits [batch, num_labels]`; the ids file may also hold `attention_mask` and
+//! `token_type_ids` (BERT) beside the ids.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -121,6 +125,9 @@ pub fn run(a: LogitsArgs) -> anyhow::Result<()> {
             a.out.display()
         );
     }
+    if is_classifier(&a.model)? {
+        return run_classifier(&a);
+    }
     let model = open_model(&a.model, a.adapter.as_deref(), a.merge, a.dtype)?;
     let ids = read_ids(&a.ids, model.config().vocab_size)?;
     let logits = model.forward_t(&ids, false).context("running the model")?;
@@ -129,5 +136,82 @@ pub fn run(a: LogitsArgs) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", a.out.display()))?;
     let (b, t, v) = tensors["logits"].dims3()?;
     println!("wrote logits [{b}, {t}, {v}] to {}", a.out.display());
+    Ok(())
+}
+
+/// Whether `<model>/config.json` names a `*ForSequenceClassification`. An unreadable or
+/// malformed config is `false` here: the model loader then reports it.
+pub fn is_classifier(model: &Path) -> anyhow::Result<bool> {
+    let Ok(text) = std::fs::read_to_string(model.join("config.json")) else {
+        return Ok(false);
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(false);
+    };
+    Ok(v.get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+        .is_some_and(|a| a.ends_with("ForSequenceClassification")))
+}
+
+/// Opens a classifier with `--adapter` (merged when `merge`).
+pub fn open_classifier(
+    model: &Path,
+    adapter: Option<&Path>,
+    merge: bool,
+    dtype: DType,
+) -> anyhow::Result<lora::models::Classifier> {
+    let dev = Device::Cpu;
+    let lora = adapter
+        .map(|a| {
+            Adapter::load(a, &dev)
+                .with_context(|| format!("loading adapter {}", a.display()))
+                .map(LoraInit::from)
+        })
+        .transpose()?;
+    let mut m = lora::models::Classifier::open(model, lora, dtype, &dev)
+        .with_context(|| format!("loading model {}", model.display()))?;
+    if merge {
+        m.merge_adapters().context("merging the adapter")?;
+    }
+    Ok(m)
+}
+
+/// `lora logits` for a sequence classifier: `logits [batch, num_labels]`.
+fn run_classifier(a: &LogitsArgs) -> anyhow::Result<()> {
+    let m = open_classifier(&a.model, a.adapter.as_deref(), a.merge, a.dtype)?;
+    let vocab = match &m {
+        lora::models::Classifier::Bert(b) => b.config().vocab_size,
+        lora::models::Classifier::Llama(l) => l.config().vocab_size,
+    };
+    let ids = read_ids(&a.ids, vocab)?;
+    let (path, _) = split_ids_spec(&a.ids);
+    let file = SafeFile::open(&path)?;
+    let side = |key: &str| -> anyhow::Result<Option<Tensor>> {
+        if !file.names().iter().any(|n| n == key) {
+            return Ok(None);
+        }
+        let t = file.tensor(key, &Device::Cpu)?.to_dtype(DType::U32)?;
+        if t.dims() != ids.dims() {
+            bail!(
+                "`{key}` in {} has shape {:?}, the ids {:?}",
+                path.display(),
+                t.dims(),
+                ids.dims()
+            );
+        }
+        Ok(Some(t))
+    };
+    let x = lora::models::ClassifierInputs {
+        attention_mask: side("attention_mask")?,
+        token_type_ids: side("token_type_ids")?,
+        input_ids: ids,
+    };
+    let logits = m.logits(&x, false).context("running the model")?;
+    let (b, n) = logits.dims2()?;
+    let tensors = BTreeMap::from([("logits".to_string(), logits)]);
+    tensor_file::save(&a.out, &tensors, &tensor_file::pt_metadata())
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!("wrote logits [{b}, {n}] to {}", a.out.display());
     Ok(())
 }

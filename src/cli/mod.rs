@@ -7,6 +7,7 @@ mod combine;
 mod convert_init;
 mod demo;
 mod extract;
+mod embed;
 mod generate;
 mod inspect;
 mod logits;
@@ -57,6 +58,8 @@ enum Command {
     /// Serve a base model and its adapters over an OpenAI-style HTTP API, requests for
     /// different adapters batched together.
     Serve(serve::ServeArgs),
+    /// Sentence embeddings of a JSONL file's texts with a BERT sentence-transformers model.
+    Embed(embed::EmbedArgs),
 }
 
 /// Runs the parsed command.
@@ -75,5 +78,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Extract(a) => extract::run(*a),
         Command::ConvertInit(a) => convert_init::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Embed(a) => embed::run(a),
     }
 }

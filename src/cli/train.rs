@@ -117,10 +117,20 @@ pub struct TrainArgs {
     /// Truncate examples to this many tokens.
     #[arg(long)]
     max_len: Option<usize>,
+    /// Sequence classifiers: train only the head (`classifier` / `score`, PEFT's
+    /// modules_to_save), no LoRA: a linear probe.
+    #[arg(long, conflicts_with_all = ["full", "adapter_init", "target_modules", "target_regex"])]
+    linear_probe: bool,
 }
 
 /// Runs `lora train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
+    if super::logits::is_classifier(&a.model)? {
+        return run_classifier(&a);
+    }
+    if a.linear_probe {
+        bail!("--linear-probe needs a *ForSequenceClassification model");
+    }
     let dev = Device::Cpu;
     let cfg = LlamaConfig::from_dir(&a.model)?;
     let tok_path = a.model.join("tokenizer.json");
@@ -369,4 +379,172 @@ fn lora_config(a: &TrainArgs, base: &str) -> LoraConfig {
         base_model_name_or_path: Some(base.to_string()),
         ..LoraConfig::default()
     }
+}
+
+/// `lora train` for a `*ForSequenceClassification` model: labelled JSONL (`"label"` with
+/// `"text"` or `"input_ids"`), cross-entropy, eval accuracy; saves a `SEQ_CLS` adapter whose
+/// head is a modules_to_save copy (or, with `--full`, every weight).
+fn run_classifier(a: &TrainArgs) -> anyhow::Result<()> {
+    use lora::models::Classifier;
+    use lora::train::classify::{evaluate_classifier, load_labeled, train_classifier};
+    if a.resume.is_some() || a.grad_accum != 1 || a.steps.is_some() {
+        bail!("sequence classifiers train by --epochs, without --resume, --grad-accum or --steps");
+    }
+    let dev = Device::Cpu;
+    let base_name = a.model.display().to_string();
+    let vb =
+        LoraBuilder::new(Checkpoint::open(&a.model)?, DType::F32, dev.clone()).with_seed(a.seed)?;
+    let vb = if a.full {
+        vb.full_finetune()?
+    } else if let Some(dir) = &a.adapter_init {
+        let mut ad = Adapter::load(dir, &dev)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
+        if let Some(d) = a.dropout {
+            ad.config.lora_dropout = d;
+        }
+        vb.with_adapter(ad)?
+    } else {
+        let mut c = lora_config(a, &base_name);
+        c.task_type = Some("SEQ_CLS".into());
+        if a.linear_probe {
+            c.target_modules = Some(TargetModules::List(vec![]));
+        } else if a.target_modules.is_none() && a.target_regex.is_none() {
+            c.target_modules = Some(TargetModules::List(
+                if lora::models::BertConfig::describes(&read_config(&a.model)?) {
+                    vec!["query".into(), "value".into()]
+                } else {
+                    vec!["q_proj".into(), "v_proj".into()]
+                },
+            ));
+        }
+        vb.with_config(c)?
+    };
+    let model = Classifier::from_builder(&a.model, &vb)?;
+    let tok_path = a.model.join("tokenizer.json");
+    let vocab = match &model {
+        Classifier::Bert(m) => m.config().vocab_size,
+        Classifier::Llama(m) => m.config().vocab_size,
+    };
+    let tok = if tok_path.is_file() {
+        Some(lora::train::data::load_tokenizer(&tok_path, vocab)?)
+    } else {
+        None
+    };
+    let max_len = match (a.max_len, model.max_len()) {
+        (Some(m), Some(p)) => Some(m.min(p)),
+        (m, p) => m.or(p),
+    };
+    let n = model.num_labels();
+    let train = load_labeled(&a.data, tok.as_ref(), n, vocab, max_len)?;
+    let eval = a
+        .eval_data
+        .as_deref()
+        .map(|p| load_labeled(p, tok.as_ref(), n, vocab, max_len))
+        .transpose()?;
+    let trainable: usize = vb.trainable_vars().iter().map(|v| v.elem_count()).sum();
+    eprintln!(
+        "training {trainable} parameters ({}) on {} examples, {n} labels",
+        if a.full {
+            "every weight".to_string()
+        } else {
+            format!(
+                "{} adapted modules + {} head tensors",
+                vb.adapted_modules().len(),
+                vb.saved_tensors().len()
+            )
+        },
+        train.len()
+    );
+    let tc = lora::train::classify::ClassifierTrainConfig {
+        lr: a.lr,
+        schedule: a.schedule,
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        batch_size: a.batch_size,
+        epochs: a.epochs.unwrap_or(1),
+        seed: a.seed,
+    };
+    crate::ALLOC.reset_peak();
+    let heap_before = crate::ALLOC.current();
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let summary = train_classifier(&model, &train, &tc, &mut |step, total, loss| {
+        bar.set_length(total as u64);
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {loss:.4}"));
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    let peak = crate::ALLOC.peak().saturating_sub(heap_before);
+    if a.full {
+        let tensors: std::collections::BTreeMap<String, candle_core::Tensor> = vb
+            .named_trainable_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
+        std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+        lora::tensor_file::save(
+            &a.out.join("model.safetensors"),
+            &tensors,
+            &lora::tensor_file::pt_metadata(),
+        )?;
+        for f in lora::merge::SIDE_FILES {
+            let src = a.model.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, a.out.join(f)).with_context(|| src.display().to_string())?;
+            }
+        }
+    } else {
+        let mut ad = vb.adapter()?;
+        ad.config.base_model_name_or_path = Some(base_name);
+        ad.save(&a.out)?;
+    }
+    let json = serde_json::json!({
+        "steps": summary.steps,
+        "epoch_losses": summary.epoch_losses,
+        "train_seconds": summary.seconds,
+        "trainable_params": trainable,
+        "heap_peak_mib": peak as f64 / (1024.0 * 1024.0),
+        "peak_rss_mib": lora::app::bench::peak_rss_mib(),
+        "eval": eval.as_ref().map(|e| evaluate_classifier(&model, e, 64)).transpose()?
+            .map(|(loss, acc)| serde_json::json!({"loss": loss, "accuracy": acc})),
+    });
+    lora::tensor_file::write_text_atomic(
+        &a.out.join("classify_summary.json"),
+        &serde_json::to_string_pretty(&json)?,
+    )?;
+    println!(
+        "trained {} steps in {:.1} s; epoch losses {:?}; wrote {}",
+        summary.steps,
+        summary.seconds,
+        summary
+            .epoch_losses
+            .iter()
+            .map(|l| format!("{l:.4}"))
+            .collect::<Vec<_>>(),
+        a.out.display()
+    );
+    if let Some(e) = json.get("eval").filter(|e| !e.is_null()) {
+        println!(
+            "eval: loss {:.4}, accuracy {:.4}",
+            e["loss"].as_f64().unwrap_or(f64::NAN),
+            e["accuracy"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!(
+        "memory: heap peak while training {:.1} MiB above the loaded model; peak RSS {}",
+        peak as f64 / (1024.0 * 1024.0),
+        lora::app::bench::peak_rss_mib().map_or("n/a".into(), |m| format!("{m:.0} MiB")),
+    );
+    Ok(())
+}
+
+fn read_config(model: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let f = model.join("config.json");
+    let text = std::fs::read_to_string(&f).with_context(|| f.display().to_string())?;
+    serde_json::from_str(&text).with_context(|| f.display().to_string())
 }

@@ -28,8 +28,14 @@ use crate::error::{Error, Result};
 pub const CONFIG_JSON: &str = "config.json";
 
 /// The architectures [`crate::models::Llama`] implements, by their transformers class name.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "LlamaForSequenceClassification",
+    "MistralForSequenceClassification",
+    "Qwen2ForSequenceClassification",
+];
 
 /// Which member of the family a config describes; it decides the projection biases and the
 /// attention window.
@@ -127,6 +133,26 @@ pub struct LlamaConfig {
     /// End-of-sequence id(s): generation stops on any of them.
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
+    /// The padding id: a sequence classifier pools the last token that is not this one.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Classifier outputs (`*ForSequenceClassification`); defaults to `id2label`'s size, else 2.
+    #[serde(default)]
+    pub num_labels: Option<usize>,
+    /// Classifier label names by index, as transformers writes them.
+    #[serde(default)]
+    pub id2label: Option<serde_json::Map<String, Value>>,
+}
+
+/// transformers' `num_labels`: the explicit field, else `id2label`'s size, else 2.
+pub fn num_labels(
+    explicit: Option<usize>,
+    id2label: Option<&serde_json::Map<String, Value>>,
+) -> usize {
+    explicit
+        .or_else(|| id2label.map(|m| m.len()))
+        .filter(|n| *n > 0)
+        .unwrap_or(2)
 }
 
 fn default_eps() -> f64 {
@@ -242,9 +268,9 @@ impl LlamaConfig {
         let supported = SUPPORTED_ARCHITECTURES.join(", ");
         if let Some(a) = self.architectures.first() {
             return match a.as_str() {
-                "LlamaForCausalLM" => Ok(Arch::Llama),
-                "MistralForCausalLM" => Ok(Arch::Mistral),
-                "Qwen2ForCausalLM" => Ok(Arch::Qwen2),
+                "LlamaForCausalLM" | "LlamaForSequenceClassification" => Ok(Arch::Llama),
+                "MistralForCausalLM" | "MistralForSequenceClassification" => Ok(Arch::Mistral),
+                "Qwen2ForCausalLM" | "Qwen2ForSequenceClassification" => Ok(Arch::Qwen2),
                 other => Err(format!(
                     "architecture `{other}` is not supported (supported: {supported})"
                 )),
@@ -261,6 +287,19 @@ impl LlamaConfig {
                 "no `architectures` or `model_type` (supported: {supported})"
             )),
         }
+    }
+
+    /// Whether the checkpoint is a `*ForSequenceClassification` (a `score` head over the last
+    /// non-pad token instead of `lm_head`).
+    pub fn is_classifier(&self) -> bool {
+        self.architectures
+            .first()
+            .is_some_and(|a| a.ends_with("ForSequenceClassification"))
+    }
+
+    /// The classifier's number of labels (see [`num_labels`]).
+    pub fn num_labels(&self) -> usize {
+        num_labels(self.num_labels, self.id2label.as_ref())
     }
 
     /// Key/value heads (defaults to the query heads).

@@ -30,6 +30,12 @@
 //! (`y = x·Eᵀ + s·(x·Aᵀ)·Bᵀ`); merging that head is refused, since PEFT's merge adds its ΔW to
 //! the shared table and so changes the embeddings too.
 //!
+//! Sequence classification (`LlamaForSequenceClassification`, and the Mistral and Qwen2 ones):
+//! no `lm_head`; a `score` linear `[num_labels, H]` (no bias) reads the final hidden state of
+//! each row's last token that is not `pad_token_id` (transformers: the largest position whose
+//! id differs from the pad id, position 0 when every id is the pad; with no pad id, the last
+//! token), see [`Llama::classify`].
+//!
 //! Inference with a KV cache: [`Llama::forward_with_cache`] appends to a [`Cache`] and gives the
 //! same logits as the full forward.
 
@@ -458,10 +464,12 @@ pub struct Llama {
     embed: LoraEmbedding,
     layers: Vec<Block>,
     norm: RmsNorm,
-    /// `None` when the head is tied to `embed_tokens` (and not targeted).
+    /// `None` when the head is tied to `embed_tokens` (and not targeted), or the model is a classifier.
     lm_head: Option<LoraLinear>,
     /// The head is an adapted linear over the tied embedding table.
     tied_lora_head: bool,
+    /// The classifier head `score` of a `*ForSequenceClassification`.
+    score: Option<LoraLinear>,
     rope: Rope,
     window: Option<usize>,
     vb: LoraBuilder,
@@ -493,7 +501,14 @@ impl Llama {
             m.pp("norm").tensor("weight", &[cfg.hidden_size])?,
             cfg.rms_norm_eps,
         );
-        let lm_head = Self::load_head(cfg, vb, &embed)?;
+        let (lm_head, score) = if cfg.is_classifier() {
+            let score = vb
+                .pp("score")
+                .linear(cfg.hidden_size, cfg.num_labels(), false)?;
+            (None, Some(score))
+        } else {
+            (Self::load_head(cfg, vb, &embed)?, None)
+        };
         let tied_lora_head = cfg.tie_word_embeddings
             && lm_head.as_ref().is_some_and(|h| h.lora().is_some())
             && !vb.has_tensor("lm_head.weight");
@@ -505,6 +520,7 @@ impl Llama {
             norm,
             lm_head,
             tied_lora_head,
+            score,
             rope: Rope::new(&cfg.rope()?, cfg.head_dim()),
             window: cfg.attention_window(),
             vb: vb.clone(),
@@ -605,6 +621,9 @@ impl Llama {
         if let Some(h) = &mut self.lm_head {
             v.push(h);
         }
+        if let Some(h) = &mut self.score {
+            v.push(h);
+        }
         v
     }
 
@@ -637,6 +656,76 @@ impl Llama {
         &self,
         ids: &Tensor,
         offset: usize,
+        cache: Option<&mut Cache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        if self.score.is_some() {
+            return Err(Error::State(
+                "this model is a sequence classifier (score head, no lm_head): use classify".into(),
+            ));
+        }
+        let x = self.hidden(ids, offset, cache, train)?;
+        let logits = match &self.lm_head {
+            Some(h) => h.forward_t(&x, train)?,
+            None => tied_head(&x, self.embed.table())?,
+        };
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Whether the model is a `*ForSequenceClassification` (see [`Llama::classify`]).
+    pub fn is_classifier(&self) -> bool {
+        self.score.is_some()
+    }
+
+    /// Sequence classification: `ids: [b, t]` → logits `[b, num_labels]` (f32), the `score`
+    /// head on the final hidden state of each row's last non-pad token (see the module doc).
+    /// `train` enables the adapters' dropout.
+    pub fn classify(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        let Some(score) = &self.score else {
+            return Err(Error::State(
+                "classify needs a *ForSequenceClassification checkpoint (a score head)".into(),
+            ));
+        };
+        let (b, t) = ids.dims2()?;
+        let rows = ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let last: Vec<u32> = match self.cfg.pad_token_id {
+            Some(pad) => rows
+                .iter()
+                .map(|r| {
+                    // argmax(position · [id ≠ pad]): the first maximum, 0 when all are pads.
+                    (0..t)
+                        .rev()
+                        .find(|&j| r[j] != i64::from(pad))
+                        .map_or(0, |j| j as u32)
+                })
+                .collect(),
+            None if b == 1 => vec![t.saturating_sub(1) as u32],
+            None => {
+                return Err(Error::State(
+                    "cannot classify batches of more than one sequence: the config has no \
+                     pad_token_id"
+                        .into(),
+                ))
+            }
+        };
+        let x = self.hidden(ids, 0, None, train)?; // [b, t, H]
+        let hs = x.dim(2)?;
+        let idx: Vec<u32> = last
+            .iter()
+            .enumerate()
+            .map(|(i, &j)| (i * t) as u32 + j)
+            .collect();
+        let idx = Tensor::from_vec(idx, b, x.device())?;
+        let pooled = x.reshape((b * t, hs))?.index_select(&idx, 0)?; // [b, H]
+        Ok(score.forward_t(&pooled, train)?.to_dtype(DType::F32)?)
+    }
+
+    /// The final normed hidden states `[b, t, H]` for `ids: [b, t]` at positions
+    /// `offset..offset + t`, reading and extending `cache` when given.
+    fn hidden(
+        &self,
+        ids: &Tensor,
+        offset: usize,
         mut cache: Option<&mut Cache>,
         train: bool,
     ) -> Result<Tensor> {
@@ -664,12 +753,7 @@ impl Llama {
         if let Some(c) = cache {
             c.len += t;
         }
-        let x = self.norm.forward(&x)?;
-        let logits = match &self.lm_head {
-            Some(h) => h.forward_t(&x, train)?,
-            None => tied_head(&x, self.embed.table())?,
-        };
-        Ok(logits.to_dtype(DType::F32)?)
+        self.norm.forward(&x)
     }
 
     /// Inference with a KV cache: `ids: [b, t]` are the next `t` tokens after the `cache.len()`

@@ -5,16 +5,22 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
+pub mod bert;
+pub mod classifier;
 pub mod config;
 pub mod generate;
 pub mod llama;
 pub mod loss;
+pub mod sentence;
 
+pub use bert::{Bert, BertConfig};
+pub use classifier::{classification_loss, Classifier, ClassifierInputs};
 pub use config::{Arch, LlamaConfig, RopeConfig, SUPPORTED_ARCHITECTURES};
 pub use generate::{generate, Sampler, Sampling};
 pub use llama::{
     BatchSeq, Cache, FusedGrads, FusedOptions, Llama, LoraInit, RmsNorm, ServeAdapter,
 };
+pub use sentence::{Pooling, SentenceEncoder};
 
 /// A causal language model: token ids in, next-token logits out.
 pub trait CausalLm {

@@ -23,6 +23,7 @@
 //! plus the model's config and tokenizer files under full fine-tuning), `metrics.jsonl`
 //! and the `checkpoint-<step>` folders (`lora train` adds the loss curve, `loss.png`).
 
+pub mod classify;
 pub mod data;
 pub mod metrics;
 pub mod optim;

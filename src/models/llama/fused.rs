@@ -654,6 +654,7 @@ impl Llama {
         }
         let vars = self.trainable_vars();
         !vars.is_empty()
+            && self.score.is_none()
             && vars.len() == lora_ids.len()
             && vars.iter().all(|v| lora_ids.contains(&v.as_tensor().id()))
             && f32_cpu(self.embed.table())

@@ -34,9 +34,9 @@ use serde_json::Value;
 use super::llama::LoraInit;
 use crate::adapter::Adapter;
 use crate::builder::LoraBuilder;
-use crate::model_weights::Checkpoint;
 use crate::error::{Error, Result};
 use crate::layers::{LoraEmbedding, LoraLinear, Mergeable};
+use crate::model_weights::Checkpoint;
 
 /// The BERT architectures [`Bert`] implements, by their transformers class name.
 pub const BERT_ARCHITECTURES: &[&str] = &["BertModel", "BertForSequenceClassification"];

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use lora::model_weights::Checkpoint;
 use lora::merge::{merge_checkpoint, Direction, MergeOptions};
+use lora::model_weights::Checkpoint;
 use lora::models::{classification_loss, Classifier, ClassifierInputs, LoraInit};
 use lora::tensor_file::SafeFile;
 use lora::train::optim::{AdamW, AdamWConfig};

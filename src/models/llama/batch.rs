@@ -36,8 +36,8 @@ use super::{attention_mask, swiglu, tied_head, Cache, Llama, Step};
 use crate::adapter::Adapter;
 use crate::config::ModuleKind;
 use crate::error::{Error, Result};
-use crate::layers::LoraLinear;
 use crate::kernels::vecmath::dot;
+use crate::layers::LoraLinear;
 
 /// The decoder linears of one layer, in [`ServeAdapter`]'s slot order.
 const SLOTS: [&str; 7] = [

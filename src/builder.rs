@@ -730,8 +730,7 @@ impl LoraBuilder {
                 Ok((n.clone(), m))
             })
             .collect::<Result<_>>()?;
-        let saved = self
-            .state()
+        let saved = st
             .saved
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))

@@ -39,6 +39,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
             "modules_to_save": adapter.saved.iter()
                 .map(|(n, t)| (n.clone(), t.dims().to_vec()))
                 .collect::<std::collections::BTreeMap<_, _>>(),
+            "embedding_copies": adapter.base_layers.iter()
+                .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "trainable_params": adapter.num_params(),
             "bytes_on_disk": bytes,
         });
@@ -97,6 +100,19 @@ pub fn run(a: InspectArgs) -> anyhow::Result<()> {
     if !adapter.saved.is_empty() {
         println!("\nmodules_to_save (full trained copies, replace the base tensors)");
         for (n, t) in &adapter.saved {
+            println!(
+                "{n:<w$}  {:>14} {:>9}",
+                format!("{:?}", t.dims()),
+                t.elem_count()
+            );
+        }
+    }
+    if !adapter.base_layers.is_empty() {
+        println!(
+            "\nembedding copies (`<module>.base_layer.weight`, PEFT's save_embedding_layers; \
+             they replace the base weight)"
+        );
+        for (n, t) in &adapter.base_layers {
             println!(
                 "{n:<w$}  {:>14} {:>9}",
                 format!("{:?}", t.dims()),

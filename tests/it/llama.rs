@@ -486,3 +486,37 @@ fn tied_head_gets_lora_as_peft_and_the_embedding_copy_is_read_and_written() {
     let e = model.merge_adapters().unwrap_err().to_string();
     assert!(e.contains("tied") && e.contains("lm_head"), "{e}");
 }
+
+/// Issue 13: `lora inspect` lists the adapter's embedding copy (`lm_head.base_layer.weight`,
+/// PEFT's `save_embedding_layers`) with its shape, in the table and in the JSON.
+#[test]
+fn inspect_lists_the_embedding_copy() {
+    let adapter = fixture("llama_tied_head/adapter");
+    let o = Command::new(lora_bin())
+        .arg("inspect")
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .skip_while(|l| !l.starts_with("embedding copies"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        line.starts_with("lm_head") && line.contains("[32, 16]") && line.contains("512"),
+        "{text}"
+    );
+    let o = Command::new(lora_bin())
+        .arg("inspect")
+        .arg(&adapter)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["embedding_copies"]["lm_head"],
+        serde_json::json!([32, 16])
+    );
+}

@@ -20,7 +20,7 @@
 //! gives round-off-sized ones there).
 //!
 //! Where this differs from PEFT, on purpose:
-//! - **rsLoRA.** PEFT copies `use_rslora` from the first adapter into the new config, so when it
+//! - **rsLoRA.** A mix of rsLoRA and plain adapters is refused. PEFT copies `use_rslora` from the first adapter into the new config, so when it
 //!   is true the combined adapter is scaled by `r/√r = √r` instead of 1 (checked with PEFT
 //!   0.21.2: the merged ΔW of `svd`, `cat`, `linear` came out 1.67×, 2.83×, 2.77× too large). We
 //!   write `use_rslora: false`; each input's own scale (rsLoRA or not) is applied exactly.
@@ -401,6 +401,13 @@ fn check_configs(inputs: &[(&str, &Adapter)]) -> Result<()> {
                  should follow the same target modules type\")",
                 kind(&c0.target_modules),
                 kind(&c.target_modules)
+            )));
+        }
+        if c.use_rslora != c0.use_rslora {
+            return Err(refuse(format!(
+                "use_rslora is {} in {first} but {} in {label}: PEFT copies the first adapter's \
+                 use_rslora to the result and scales every input by it, which is wrong for a mix",
+                c0.use_rslora, c.use_rslora
             )));
         }
         if c.fan_in_fan_out != c0.fan_in_fan_out {
@@ -804,15 +811,17 @@ mod tests {
     fn rslora_inputs_are_scaled_exactly_and_the_output_has_scale_one() {
         let mut x = adapter(4, 4.0, &seq(12, 0.3), &seq(16, 0.7), 3, 4);
         x.config.use_rslora = true;
-        let y = adapter(2, 4.0, &seq(6, 1.1), &seq(8, 0.2), 3, 4);
+        let mut y = adapter(2, 4.0, &seq(6, 1.1), &seq(8, 0.2), 3, 4);
+        y.config.use_rslora = true;
         let (c, rep) = combine(
             &[("x", &x), ("y", &y)],
             &CombineOptions::new(Method::Cat, vec![1.0, 1.0]),
         )
         .unwrap();
         assert!(!c.config.use_rslora && rep.notes.iter().any(|n| n.contains("rsLoRA")));
-        // x's scale is 4/√4 = 2, y's 4/2 = 2.
+        // x's scale is 4/√4 = 2, y's 4/√2.
         assert_eq!(x.scale_for("m").unwrap(), 2.0);
+        assert!((y.scale_for("m").unwrap() - 4.0 / 2f64.sqrt()).abs() < 1e-12);
         let want: Vec<f32> = delta(&x)
             .iter()
             .zip(delta(&y))
@@ -821,6 +830,20 @@ mod tests {
         for (g, w) in delta(&c).iter().zip(&want) {
             assert!((g - w).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn a_mix_of_rslora_and_plain_adapters_is_refused() {
+        let mut x = adapter(4, 4.0, &seq(12, 0.3), &seq(16, 0.7), 3, 4);
+        x.config.use_rslora = true;
+        let y = adapter(2, 4.0, &seq(6, 1.1), &seq(8, 0.2), 3, 4);
+        let e = combine(
+            &[("x", &x), ("y", &y)],
+            &CombineOptions::new(Method::Cat, vec![1.0, 1.0]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("use_rslora is true in x but false in y"), "{e}");
     }
 
     #[test]

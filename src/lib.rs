@@ -13,6 +13,7 @@ pub mod app;
 pub mod builder;
 pub mod config;
 pub mod convert;
+mod engine;
 pub mod error;
 pub mod kernels;
 pub mod keys;

@@ -53,9 +53,9 @@ use crate::layers::{LoraEmbedding, LoraLinear, Mergeable};
 use crate::model_weights::Checkpoint;
 
 mod batch;
-mod fused;
+mod engine;
+pub use crate::engine::{FusedGrads, FusedOptions};
 pub use batch::{BatchSeq, ServeAdapter};
-pub use fused::{FusedGrads, FusedOptions};
 
 /// How [`Llama::open`] adds LoRA: new adapters from a config, or a saved adapter.
 #[derive(Debug, Clone)]

@@ -63,7 +63,6 @@ pub(crate) fn swiglu_backward(isa: Isa, g: &mut [f32], u: &mut [f32], dy: &[f32]
 }
 
 /// `erf(x)`, branch-free (Abramowitz & Stegun 7.1.26, |error| ≤ 1.5·10⁻⁷).
-#[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
 #[inline(always)]
 fn erf(x: f32) -> f32 {
     let a = x.abs();
@@ -75,14 +74,12 @@ fn erf(x: f32) -> f32 {
 }
 
 /// `Φ(x) = ½·(1 + erf(x/√2))`.
-#[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
 #[inline(always)]
 fn phi_cdf(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// GELU (erf form) of every element: `y = x·Φ(x)`.
-#[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
 pub(crate) fn gelu_forward(isa: Isa, x: &[f32]) -> Vec<f32> {
     // SAFETY: each chunk of `y` pairs with an equally long chunk of `x`; all are written.
     unsafe {
@@ -105,7 +102,6 @@ pub(crate) fn gelu_forward(isa: Isa, x: &[f32]) -> Vec<f32> {
 }
 
 /// GELU's backward: `dx (+)= dy ⊙ (Φ(x) + x·φ(x))` (added to `dx` when `acc`).
-#[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
 pub(crate) fn gelu_backward(isa: Isa, x: &[f32], dy: &[f32], dx: &mut [f32], acc: bool) {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
     dx.par_chunks_mut(CHUNK)

@@ -41,7 +41,6 @@ pub(crate) enum Mask {
         window: Option<usize>,
     },
     /// Every (unpadded) key (encoders: BERT).
-    #[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
     Bidirectional,
 }
 

@@ -110,7 +110,6 @@ pub(crate) fn rms_norm_weight_grad(isa: Isa, dy: &[f32], x: &[f32], inv: &[f32])
 }
 
 /// LayerNorm's saved per-row statistics.
-#[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LayerNormStats {
     /// `μ_i`, `[N]`.
@@ -121,7 +120,6 @@ pub(crate) struct LayerNormStats {
 
 /// LayerNorm forward of `x: [N, H]` (`H = h`) with optional `w, b: [H]`: returns `y` and the
 /// statistics for [`layer_norm_backward`]. The variance is the biased one (PyTorch's).
-#[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
 pub(crate) fn layer_norm_forward(
     isa: Isa,
     x: &[f32],
@@ -187,7 +185,6 @@ pub(crate) fn layer_norm_forward(
 
 /// LayerNorm backward for the input: `dx (+)= rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ⊙x̂))` with
 /// `ĝ = dy⊙w` (`dy` when `w` is `None`), added to `dx` when `acc`, else written over it.
-#[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layer_norm_backward(
     isa: Isa,
@@ -241,7 +238,6 @@ pub(crate) fn layer_norm_backward(
 }
 
 /// LayerNorm's parameter gradients `(dw, db)`: `dw = Σ_i dy_i ⊙ x̂_i`, `db = Σ_i dy_i`.
-#[cfg_attr(not(test), allow(dead_code))] // for the BERT encoder (issue 14), tested here
 pub(crate) fn layer_norm_param_grads(
     isa: Isa,
     dy: &[f32],

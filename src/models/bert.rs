@@ -38,6 +38,8 @@ use crate::error::{Error, Result};
 use crate::layers::{LoraEmbedding, LoraLinear, Mergeable};
 use crate::model_weights::Checkpoint;
 
+mod engine;
+
 /// The BERT architectures [`Bert`] implements, by their transformers class name.
 pub const BERT_ARCHITECTURES: &[&str] = &["BertModel", "BertForSequenceClassification"];
 
@@ -422,16 +424,9 @@ impl Bert {
         self.classifier.is_some()
     }
 
-    /// The last hidden state `[b, t, H]` for `ids: [b, t]`, with `token_type_ids: [b, t]`
-    /// (zeros when `None`) and `attention_mask: [b, t]` (1 for tokens, 0 for padding; all
-    /// ones when `None`). `train` enables the adapters' dropout.
-    pub fn encode(
-        &self,
-        ids: &Tensor,
-        token_type_ids: Option<&Tensor>,
-        attention_mask: Option<&Tensor>,
-        train: bool,
-    ) -> Result<Tensor> {
+    /// The embedding output `LN(word[ids] + position[0..t] + token_type[tt])` `[b, t, H]`
+    /// (`token_type_ids` zeros when `None`), checking the ids and the length.
+    fn embed(&self, ids: &Tensor, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if !ids.dtype().is_int() {
             return Err(Error::State(format!(
@@ -456,7 +451,22 @@ impl Bert {
             .forward(ids)?
             .broadcast_add(&self.position.forward(&pos)?)?
             .add(&self.token_type.forward(&tt)?)?;
-        let mut x = self.emb_norm.forward(&x)?;
+        self.emb_norm.forward(&x)
+    }
+
+    /// The last hidden state `[b, t, H]` for `ids: [b, t]`, with `token_type_ids: [b, t]`
+    /// (zeros when `None`) and `attention_mask: [b, t]` (1 for tokens, 0 for padding; all
+    /// ones when `None`). `train` enables the adapters' dropout.
+    pub fn encode(
+        &self,
+        ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let dev = ids.device();
+        let mut x = self.embed(ids, token_type_ids)?;
         let mask = match attention_mask {
             Some(m) => {
                 // (1 − m) · f32::MIN, as transformers' eager extended mask.
@@ -482,6 +492,15 @@ impl Bert {
         Ok(p.forward_t(&cls, train)?.tanh()?)
     }
 
+    /// `classifier(pool(·))`: logits `[b, num_labels]` (f32) of the last hidden state.
+    fn head_logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.classifier.as_ref().ok_or_else(|| {
+            Error::State("classify needs a BertForSequenceClassification checkpoint".into())
+        })?;
+        let pooled = self.pool(hidden, train)?;
+        Ok(c.forward_t(&pooled, train)?.to_dtype(DType::F32)?)
+    }
+
     /// Sequence classification: logits `[b, num_labels]` (f32) of `classifier(pool(encode))`.
     pub fn classify(
         &self,
@@ -490,12 +509,13 @@ impl Bert {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
-        let c = self.classifier.as_ref().ok_or_else(|| {
-            Error::State("classify needs a BertForSequenceClassification checkpoint".into())
-        })?;
+        if self.classifier.is_none() {
+            return Err(Error::State(
+                "classify needs a BertForSequenceClassification checkpoint".into(),
+            ));
+        }
         let x = self.encode(ids, token_type_ids, attention_mask, train)?;
-        let pooled = self.pool(&x, train)?;
-        Ok(c.forward_t(&pooled, train)?.to_dtype(DType::F32)?)
+        self.head_logits(&x, train)
     }
 
     fn mergeables_mut(&mut self) -> Vec<&mut dyn Mergeable> {

@@ -17,6 +17,9 @@ use super::llama::{Llama, LoraInit};
 use crate::builder::LoraBuilder;
 use crate::error::{Error, Result};
 
+/// A training batch's loss and the gradient of every trainable variable.
+pub type LossAndGrads = (f64, Vec<(Var, Tensor)>);
+
 /// A batch of classifier inputs, right-padded.
 #[derive(Debug, Clone)]
 pub struct ClassifierInputs {
@@ -97,6 +100,40 @@ impl Classifier {
                 train,
             ),
             Classifier::Llama(m) => m.classify(&x.input_ids, train),
+        }
+    }
+
+    /// One training batch by the training engine: the mean classification loss of `x`
+    /// against `labels: [b]` and the gradient of every trainable variable, the adapters'
+    /// dropout on; `None` where the engine does not apply (then use [`Classifier::logits`],
+    /// [`classification_loss`] and autograd, which give the same values).
+    pub fn fused_step(
+        &self,
+        x: &ClassifierInputs,
+        labels: &Tensor,
+    ) -> Result<Option<LossAndGrads>> {
+        match self {
+            Classifier::Bert(m) => m.fused_classify_step(
+                &x.input_ids,
+                x.token_type_ids.as_ref(),
+                x.attention_mask.as_ref(),
+                labels,
+            ),
+            Classifier::Llama(_) => Ok(None),
+        }
+    }
+
+    /// Inference logits `[b, num_labels]` (no dropout) by the training engine's blocks,
+    /// keeping no activation; `None` where the engine does not apply (then use
+    /// [`Classifier::logits`], which gives the same values).
+    pub fn fused_logits(&self, x: &ClassifierInputs) -> Result<Option<Tensor>> {
+        match self {
+            Classifier::Bert(m) => m.fused_classify_logits(
+                &x.input_ids,
+                x.token_type_ids.as_ref(),
+                x.attention_mask.as_ref(),
+            ),
+            Classifier::Llama(_) => Ok(None),
         }
     }
 

@@ -215,19 +215,35 @@ pub fn train_classifier(
         for chunk in order.chunks(bs) {
             let ex: Vec<&Labeled> = chunk.iter().map(|&i| &data[i]).collect();
             let (x, labels) = batch(&ex, pad, &dev)?;
-            let loss = classification_loss(&model.logits(&x, true)?, &labels)?;
-            let grads = loss.backward()?;
-            let mut g: Vec<Option<Tensor>> = vars
-                .iter()
-                .map(|(_, v)| grads.get(v.as_tensor()).cloned())
-                .collect();
+            let (l, mut g) = match model.fused_step(&x, &labels)? {
+                // The training engine (BERT); the gradients by variable.
+                Some((l, grads)) => {
+                    let mut by_id: std::collections::HashMap<_, Tensor> = grads
+                        .into_iter()
+                        .map(|(v, g)| (v.as_tensor().id(), g))
+                        .collect();
+                    let g: Vec<Option<Tensor>> = vars
+                        .iter()
+                        .map(|(_, v)| by_id.remove(&v.as_tensor().id()))
+                        .collect();
+                    (l, g)
+                }
+                None => {
+                    let loss = classification_loss(&model.logits(&x, true)?, &labels)?;
+                    let grads = loss.backward()?;
+                    let g: Vec<Option<Tensor>> = vars
+                        .iter()
+                        .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+                        .collect();
+                    (f64::from(loss.to_scalar::<f32>()?), g)
+                }
+            };
             if cfg.max_grad_norm > 0.0 {
                 clip_grad_norm(&mut g, cfg.max_grad_norm)?;
             }
             let lr = cfg.schedule.lr(cfg.lr, step, cfg.warmup_steps, total);
             opt.step(&g, lr)?;
             step += 1;
-            let l = f64::from(loss.to_scalar::<f32>()?);
             sum += l;
             on_step(step, total, l);
         }
@@ -252,7 +268,10 @@ pub fn evaluate_classifier(
     for chunk in data.chunks(batch_size.max(1)) {
         let ex: Vec<&Labeled> = chunk.iter().collect();
         let (x, labels) = batch(&ex, pad, &dev)?;
-        let logits = model.logits(&x, false)?.detach();
+        let logits = match model.fused_logits(&x)? {
+            Some(l) => l,
+            None => model.logits(&x, false)?.detach(),
+        };
         loss +=
             f64::from(classification_loss(&logits, &labels)?.to_scalar::<f32>()?) * ex.len() as f64;
         let pred = logits.argmax(1)?.to_vec1::<u32>()?;

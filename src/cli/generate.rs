@@ -53,7 +53,14 @@ pub(super) fn load_tokenizer(model: &Path) -> anyhow::Result<Tokenizer> {
             path.display()
         );
     }
-    Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    let mut tok =
+        Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // A prompt is one text: the file's own padding (sentence-transformers' files fix a length)
+    // and truncation would add pad tokens or cut it, which transformers does not do either.
+    tok.with_padding(None);
+    tok.with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(tok)
 }
 
 /// End-of-sequence ids from `generation_config.json`, if the folder has one.

@@ -98,7 +98,11 @@ impl LazyTokenizer {
 }
 
 /// Reads `tokenizer.json` and checks that every id (added tokens included) is below
-/// `vocab_size`.
+/// `vocab_size`. The file's own padding and truncation settings are switched off, as
+/// transformers does for a call that does not ask for them: examples are tokenized one by one
+/// (a fixed-length padding, as sentence-transformers' tokenizers carry, would make every
+/// example that long with pad tokens counted as text), batches are padded by the trainer and
+/// `max_len` truncates.
 pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer> {
     if !path.is_file() {
         return Err(Error::io(
@@ -106,9 +110,14 @@ pub fn load_tokenizer(path: &Path, vocab_size: usize) -> Result<tokenizers::Toke
             std::io::Error::new(std::io::ErrorKind::NotFound, "tokenizer not found"),
         ));
     }
-    let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::BadJson {
+    let mut tok = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::BadJson {
         path: path.into(),
         reason: format!("not a tokenizer: {e}"),
+    })?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| Error::BadJson {
+        path: path.into(),
+        reason: format!("tokenizer truncation: {e}"),
     })?;
     if let Some((token, id)) = tok
         .get_vocab(true)
@@ -439,6 +448,32 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    /// A tokenizer.json that pads every text to 8 tokens and truncates at 3 (as
+    /// sentence-transformers' files fix 128) tokenizes each text as it is, as transformers
+    /// does: no pad ids counted as text, no cut the caller did not ask for.
+    #[test]
+    fn the_files_own_padding_and_truncation_are_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = tokenizer_json(true).replace(
+            r#""truncation":null,"padding":null"#,
+            r#""truncation":{"direction":"Right","max_length":3,"strategy":"LongestFirst","stride":0},
+               "padding":{"strategy":{"Fixed":8},"direction":"Right","pad_to_multiple_of":null,
+                          "pad_id":0,"pad_type_id":0,"pad_token":"<unk>"}"#,
+        );
+        assert!(json.contains("Fixed"));
+        let path = write(dir.path(), "tokenizer.json", &json);
+        let raw = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let padded = raw.encode("the cat sat on mat", true).unwrap();
+        assert_eq!(
+            padded.get_ids().len(),
+            8,
+            "the file pads (the case this guards)"
+        );
+        let tok = load_tokenizer(&path, 16).unwrap();
+        let ids = tok.encode("the cat sat on mat", true).unwrap();
+        assert_eq!(ids.get_ids(), [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]

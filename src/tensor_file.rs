@@ -183,9 +183,27 @@ impl SafeFile {
     }
 
     /// Loads `name` onto `dev` in its stored dtype.
+    ///
+    /// The bytes are copied; a mapped file's pages of them are then handed back to the kernel
+    /// (`MADV_DONTNEED`), so that a loaded model is not resident twice (once in the tensors and
+    /// once as the mapping's pages, which count in the process's RSS while mapped). A later read
+    /// of the same bytes faults them in again from the file.
     pub fn tensor(&self, name: &str, dev: &Device) -> Result<Tensor> {
         let (dt, shape) = self.info(name)?;
-        Ok(Tensor::from_raw_buffer(self.bytes(name)?, dt, &shape, dev)?)
+        let bytes = self.bytes(name)?;
+        let t = Tensor::from_raw_buffer(bytes, dt, &shape, dev)?;
+        #[cfg(unix)]
+        if let Backing::Mapped(m) = &self.mmap {
+            let offset = bytes.as_ptr() as usize - m.as_ptr() as usize;
+            // SAFETY: the mapping is a shared, read-only map of a file (`Mmap::map`): dropping
+            // its pages loses nothing, and any later read (through another borrow of these
+            // bytes too) faults the same bytes in again from the file. Only the RSS changes.
+            // Failure (an old kernel) only leaves the pages resident.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
+            };
+        }
+        Ok(t)
     }
 }
 

@@ -2,8 +2,8 @@
 //! f32 buffers, each run on the instruction set chosen at run time ([`Isa`]: AVX-512,
 //! AVX2+FMA, or a portable path that compiles on any target).
 //!
-//! The candle `CustomOp`s of the autograd path (`ops`) and the fused training step
-//! (`models::llama::fused`) both call these; no formula exists twice.
+//! The candle `CustomOp`s of the autograd path (`ops`) and the training engine's blocks
+//! (`engine`) both call these; no formula exists twice.
 //!
 //! | op | module | forward / backward |
 //! |---|---|---|
@@ -15,6 +15,7 @@
 //! | SwiGLU, GELU | [`activation`] | `swiglu_*`, `gelu_*` |
 //! | softmax, cross-entropy | [`softmax`] | `softmax_inplace`, `softmax_backward`, `cross_entropy_*` |
 //! | embedding | [`embedding`] | `embedding_forward` / `embedding_backward` |
+//! | AdamW update | [`adamw`] | `first_moment`, `second_moment`, `update_param` (in place) |
 //! | `exp`, reductions | [`vecmath`] | used inside the others |
 //!
 //! Each kernel is tested against a plain reference (an f64 loop or the candle tensor path)
@@ -23,6 +24,7 @@
 //! These run on CPU memory; a GPU backend would provide the same functions on its buffers.
 
 pub(crate) mod activation;
+pub(crate) mod adamw;
 pub(crate) mod attention;
 pub(crate) mod embedding;
 pub(crate) mod gemm;

@@ -18,10 +18,103 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::kernels::adamw::{first_moment, second_moment, update_param, AdamWStep};
+use crate::kernels::Isa;
 use crate::tensor_file::{self, SafeFile};
+
+/// Whether the in-place update applies: every tensor contiguous f32 on the CPU.
+fn in_place_applies(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+}
+
+/// The f32 values of a contiguous CPU storage.
+fn values<'s>(s: &'s CpuStorage, l: &Layout) -> candle_core::Result<&'s [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32"),
+    }
+}
+
+/// [`values`], mutable.
+fn values_mut<'s>(s: &'s mut CpuStorage, l: &Layout) -> candle_core::Result<&'s mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32"),
+    }
+}
+
+/// `m ← m + (g − m)·(1 − β1)` in place, given `1 − β1`.
+struct FirstMoment(f32);
+
+impl InplaceOp2 for FirstMoment {
+    fn name(&self) -> &'static str {
+        "adamw-first-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        m: &mut CpuStorage,
+        ml: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        first_moment(Isa::current(), values_mut(m, ml)?, values(g, gl)?, self.0);
+        Ok(())
+    }
+}
+
+/// `v ← v·β2 + g²·(1 − β2)` in place, given `β2` and `1 − β2`.
+struct SecondMoment(f32, f32);
+
+impl InplaceOp2 for SecondMoment {
+    fn name(&self) -> &'static str {
+        "adamw-second-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        v: &mut CpuStorage,
+        vl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        second_moment(
+            Isa::current(),
+            values_mut(v, vl)?,
+            values(g, gl)?,
+            self.0,
+            self.1,
+        );
+        Ok(())
+    }
+}
+
+/// The parameter's update from `m` and `v`, in place.
+struct UpdateParam(AdamWStep);
+
+impl InplaceOp3 for UpdateParam {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut CpuStorage,
+        pl: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, v) = (values(m, ml)?, values(v, vl)?);
+        update_param(Isa::current(), self.0, values_mut(p, pl)?, m, v);
+        Ok(())
+    }
+}
 
 /// AdamW hyper-parameters (PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8,
 /// weight decay 1e-2).
@@ -87,11 +180,12 @@ impl AdamW {
                         "optimizer: parameter `{name}` is given twice"
                     )));
                 }
-                let z = var.as_tensor().zeros_like()?;
+                // Two buffers: the update writes each in place.
+                let (m, v) = (var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?);
                 Ok(Slot {
                     name,
-                    m: z.clone(),
-                    v: z,
+                    m,
+                    v,
                     var,
                     step: 0,
                     decay: true,
@@ -153,6 +247,30 @@ impl AdamW {
             // activations alive.
             let g = g.detach().to_dtype(s.var.dtype())?;
             s.step += 1;
+            let t = s.step as i32;
+            let bias_correction1 = 1.0 - beta1.powi(t);
+            let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+            let step_size = lr / bias_correction1;
+            if in_place_applies(&[s.var.as_tensor(), &s.m, &s.v, &g]) {
+                // Three in-place passes (`kernels::adamw`) instead of a dozen tensor ops.
+                let keep = if s.decay {
+                    1.0 - lr * weight_decay
+                } else {
+                    1.0
+                };
+                let step = AdamWStep {
+                    keep: keep as f32,
+                    inv_bc2_sqrt: (1.0 / bias_correction2_sqrt) as f32,
+                    eps: eps as f32,
+                    step_size: step_size as f32,
+                };
+                s.m.inplace_op2(&g, &FirstMoment((1.0 - beta1) as f32))?;
+                s.v.inplace_op2(&g, &SecondMoment(beta2 as f32, (1.0 - beta2) as f32))?;
+                s.var
+                    .as_tensor()
+                    .inplace_op3(&s.m, &s.v, &UpdateParam(step))?;
+                continue;
+            }
             let mut p = s.var.as_tensor().detach();
             if s.decay && weight_decay != 0.0 {
                 p = (p * (1.0 - lr * weight_decay))?;
@@ -160,10 +278,6 @@ impl AdamW {
             // exp_avg.lerp_(grad, 1 - beta1): self + weight·(end − self).
             s.m = (&s.m + ((&g - &s.m)? * (1.0 - beta1))?)?;
             s.v = ((&s.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let t = s.step as i32;
-            let bias_correction1 = 1.0 - beta1.powi(t);
-            let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-            let step_size = lr / bias_correction1;
             let denom = ((s.v.sqrt()? / bias_correction2_sqrt)? + eps)?;
             let upd = ((&s.m / denom)? * step_size)?;
             s.var.set(&(p - upd)?)?;

@@ -37,13 +37,6 @@ pub use layers::{
 };
 pub use model_weights::Checkpoint;
 
-// The modules' old names (`st`: safetensors files; `checkpoint`: base-model weights), kept so
-// code written against them still compiles.
-#[doc(hidden)]
-pub use model_weights as checkpoint;
-#[doc(hidden)]
-pub use tensor_file as st;
-
 #[cfg(test)]
 pub(crate) mod testutil;
 

@@ -38,13 +38,17 @@ for run in "probe 1e-3" "lora 1e-3" "full 5e-5"; do
     $PY scripts/realrun/peft_side.py train "$1" $R/base $R $R/peft_$1.json "$2" "$EPOCHS" \
         > $R/peft_$1.log 2>&1
 done
+# Peak RSS of each whole process, eval included: ours from /usr/bin/time, PEFT's ru_maxrss at its end.
+echo "| run | trainable params | accuracy ours | accuracy PEFT | train s ours | train s PEFT | peak RSS MiB ours | peak RSS MiB PEFT |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for m in probe lora full; do
     python3 - "$R" "$m" <<'PY'
-import json, sys
+import json, re, sys
 r, m = sys.argv[1], sys.argv[2]
 o = json.load(open(f"{r}/ours_{m}/classify_summary.json"))
+rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{r}/ours_{m}.time").read()).group(1)) / 1024
 p = json.load(open(f"{r}/peft_{m}.json"))
 print(f"| {m} | {o['trainable_params']:,} | {o['eval']['accuracy']*100:.1f} | {p['accuracy']*100:.1f} "
-      f"| {o['train_seconds']:.0f} | {p['train_seconds']:.0f} | {o['peak_rss_mib']:.0f} | {p['peak_rss_mib']:.0f} |")
+      f"| {o['train_seconds']:.0f} | {p['train_seconds']:.0f} | {rss:.0f} | {p['peak_rss_mib']:.0f} |")
 PY
 done

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::{Grads, Tape};
 use crate::error::Result;
 use crate::kernels::{gemm, skinny, Isa, CHUNK};
-use crate::layers::LoraLinear;
+use crate::layers::{LoraLinear, Mergeable};
 
 /// `dst[i·dst_rs + j] (+)= beta · Σ_k lhs[i·lrs + k·lcs] · rhs[k·rrs + j·rcs]` for `m×n` outputs,
 /// on candle's threads when `parallel`.
@@ -84,6 +84,18 @@ pub(crate) struct Lin<'a> {
     adapter: Option<Adapter>,
     /// The weight's and the bias's variables when they train themselves (full fine-tuning).
     base: Option<(Var, Option<Var>)>,
+}
+
+/// Whether the engine can run `lin`: f32 on the CPU (weight, bias and factors), not merged,
+/// and no DoRA (its magnitude vector is not in the blocks; autograd trains it).
+pub(crate) fn engine_runs(lin: &LoraLinear) -> bool {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    !lin.is_merged()
+        && f32_cpu(lin.weight())
+        && lin.bias().is_none_or(f32_cpu)
+        && lin.lora().is_none_or(|l| {
+            f32_cpu(l.a.as_tensor()) && f32_cpu(l.b.as_tensor()) && l.magnitude.is_none()
+        })
 }
 
 impl<'a> Lin<'a> {

@@ -40,7 +40,7 @@
 
 use std::any::Any;
 
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, Storage, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::kernels::Isa;
@@ -69,6 +69,20 @@ pub struct FusedOptions {
     /// get the rest. Less memory for the activations (one layer's instead of all of them) for
     /// one more forward of the decoder layers; the results are the same.
     pub gradient_checkpointing: bool,
+}
+
+/// Contiguous f32 CPU data of a guarded storage (`Tensor::storage_and_layout`): the engine
+/// borrows every frozen weight this way for the length of a step.
+pub(crate) fn cpu_f32<'g, G: std::ops::Deref<Target = Storage>>(
+    (st, l): &'g (G, &candle_core::Layout),
+    what: &str,
+) -> Result<&'g [f32]> {
+    match (&**st, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
+        _ => Err(Error::State(format!(
+            "training engine: {what} is not contiguous f32 on the CPU"
+        ))),
+    }
 }
 
 /// Gradients of the trainable variables, in the order the backward produced them.

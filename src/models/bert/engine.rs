@@ -20,31 +20,18 @@
 //! otherwise [`Bert::fused_classify_step`] returns `None` and callers use autograd. Tested
 //! against the autograd path (loss and every gradient) in `tests`.
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::{Act, Bert};
 use crate::engine::blocks::{GeluMlp, PostNormResidual, SelfAttention};
-use crate::engine::linear::Lin;
-use crate::engine::{train_step, Block, Cx, Grads, Head, Stack};
+use crate::engine::linear::{engine_runs, Lin};
+use crate::engine::{cpu_f32, train_step, Block, Cx, Grads, Head, Stack};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{Attention, Mask};
 use crate::kernels::Isa;
-use crate::layers::{LoraLinear, Mergeable};
-use crate::models::classifier::LossAndGrads;
+use crate::layers::LoraLinear;
 use crate::models::classification_loss;
-
-/// Contiguous f32 CPU data of a guarded storage.
-fn data<'g, G: std::ops::Deref<Target = Storage>>(
-    (st, l): &'g (G, &candle_core::Layout),
-    what: &str,
-) -> Result<&'g [f32]> {
-    match (&**st, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
-        _ => Err(Error::State(format!(
-            "training engine: {what} is not contiguous f32 on the CPU"
-        ))),
-    }
-}
+use crate::models::classifier::LossAndGrads;
 
 /// The classification head on the `[CLS]` rows (see the module doc).
 struct ClsHead<'m> {
@@ -122,21 +109,8 @@ impl Bert {
                     return false;
                 }
             }
-            for lin in self.encoder_linears(i) {
-                if lin.is_merged()
-                    || !f32_cpu(lin.weight())
-                    || lin.bias().is_some_and(|b| !f32_cpu(b))
-                {
-                    return false;
-                }
-                if let Some(a) = lin.lora() {
-                    if !f32_cpu(a.a.as_tensor())
-                        || !f32_cpu(a.b.as_tensor())
-                        || a.magnitude.is_some()
-                    {
-                        return false;
-                    }
-                }
+            if !self.encoder_linears(i).into_iter().all(engine_runs) {
+                return false;
             }
         }
         // Every trainable variable has its gradient: encoder linears' factors or weights and
@@ -194,7 +168,7 @@ impl Bert {
             let g = next
                 .next()
                 .ok_or_else(|| Error::State("training engine: weight missing".into()))?;
-            data(g, what)
+            cpu_f32(g, what)
         };
         let attn = Attention {
             b,

@@ -18,30 +18,19 @@
 
 use std::collections::HashSet;
 
-use candle_core::{CpuStorage, DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 
 use super::Llama;
 use crate::engine::blocks::{CausalLmHead, PreNormResidual, SelfAttention, SwiGluMlp};
-use crate::engine::linear::Lin;
-use crate::engine::{train_step, Block, Checkpointed, Cx, FusedGrads, FusedOptions, Stack};
+use crate::engine::linear::{engine_runs, Lin};
+use crate::engine::{
+    cpu_f32, train_step, Block, Checkpointed, Cx, FusedGrads, FusedOptions, Stack,
+};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{Attention, Mask};
 use crate::kernels::embedding::embedding_forward;
 use crate::kernels::Isa;
-use crate::layers::{LoraLinear, Mergeable};
-
-/// Contiguous f32 CPU data of a guarded storage.
-fn data<'g, G: std::ops::Deref<Target = Storage>>(
-    (st, l): &'g (G, &candle_core::Layout),
-    what: &str,
-) -> Result<&'g [f32]> {
-    match (&**st, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
-        _ => Err(Error::State(format!(
-            "training engine: {what} is not contiguous f32 on the CPU"
-        ))),
-    }
-}
+use crate::layers::LoraLinear;
 
 impl Llama {
     /// The decoder linears of layer `i` in the order `q, k, v, o, gate, up, down`.
@@ -57,20 +46,10 @@ impl Llama {
         let mut lora_ids = HashSet::new();
         for i in 0..self.layers.len() {
             for lin in self.linears(i) {
-                if lin.is_merged()
-                    || !f32_cpu(lin.weight())
-                    || lin.bias().is_some_and(|b| !f32_cpu(b))
-                {
+                if !engine_runs(lin) {
                     return false;
                 }
                 if let Some(l) = lin.lora() {
-                    // DoRA (a magnitude vector) is not in the engine's blocks: autograd.
-                    if !f32_cpu(l.a.as_tensor())
-                        || !f32_cpu(l.b.as_tensor())
-                        || l.magnitude.is_some()
-                    {
-                        return false;
-                    }
                     lora_ids.insert(l.a.as_tensor().id());
                     lora_ids.insert(l.b.as_tensor().id());
                 }
@@ -133,7 +112,7 @@ impl Llama {
             }
         }
         let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-        let d = |i: usize, what: &str| data(&guards[i], what);
+        let d = |i: usize, what: &str| cpu_f32(&guards[i], what);
         let bias_guards: Vec<Vec<_>> = (0..self.layers.len())
             .map(|i| {
                 self.linears(i)
@@ -173,7 +152,7 @@ impl Llama {
             let base = 3 + i * 9;
             let lins = self.linears(i);
             let lin = |j: usize| -> Result<Lin> {
-                let bias = biases[j].as_ref().map(|g| data(g, "bias")).transpose()?;
+                let bias = biases[j].as_ref().map(|g| cpu_f32(g, "bias")).transpose()?;
                 let w0 = d(base + 2 + j, "linear weight")?;
                 Lin::new(lins[j], w0, bias, self.vb.rng(), isa)
             };

@@ -111,7 +111,7 @@ pub struct TrainArgs {
     no_shuffle: bool,
     /// Activation checkpointing per decoder layer: keep only each layer's input for the
     /// backward and run its forward again there (less memory, about one more forward per step;
-    /// same results). Applies where the fused Llama step runs (CPU, f32).
+    /// same results). Applies where the training engine runs (CPU, f32).
     #[arg(long)]
     gradient_checkpointing: bool,
     /// Truncate examples to this many tokens.

@@ -215,7 +215,7 @@ fn threads() -> usize {
 }
 
 /// A row-major output: its first element and row stride. It crosses to rayon's threads, each
-/// of which writes its own block of it (here in `gemm_split`, and in the fused Llama step's
+/// of which writes its own block of it (here in `gemm_split`, and in the training engine's
 /// attention, one head's columns per task).
 #[derive(Clone, Copy)]
 pub(crate) struct Out {

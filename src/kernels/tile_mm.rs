@@ -1,7 +1,7 @@
 //! A register-tiled kernel for the small products inside attention, one body generic over
 //! [`pulp::Simd`], run on the chosen [`Isa`] (see [`super::isa`]).
 //!
-//! Why: the fused Llama step's attention runs, per head and query block, small products
+//! Why: the training engine's attention runs, per head and query block, small products
 //! (`Q·Kᵀ`, `P·V`, and in the backward `dO·Vᵀ`, `Pᵀ·dO`, `dS·K`, `dSᵀ·Q`; 64 × 64 × 64 to
 //! 64 × 128 × 64 with the 64-row blocks it used). Through the `gemm` crate each call packs its
 //! operands and dispatches for a product of a few hundred thousand FLOPs: the attention of the
@@ -19,7 +19,7 @@
 //! Saved (AVX-512): attention forward + backward of one benchmark layer (batch 8 × 128 tokens,
 //! 8 heads of 64, 2 threads) takes 0.86× the time it takes through the gemm crate with the
 //! rest of the code the same (about 4.7 → 4.0 ms; median of 8 alternating rounds of 60), part
-//! of it from the thinner query blocks the tiles afford (`QBLOCK_TILES` in the fused step). In
+//! of it from the thinner query blocks the tiles afford (`attention::QBLOCK`). In
 //! a profile of the whole step the kernel is ~5 %.
 //!
 //! Sums run over `p` in order, one product at a time, so results differ from the GEMM's by

@@ -779,7 +779,7 @@ impl CausalLm for Llama {
     }
 
     /// On the CPU in f32 with adapters only on the decoder linears (see
-    /// `models::llama::fused`): one pass each way over plain buffers, only the adapters'
+    /// `models::llama::engine`): the training engine's blocks, one pass each way over plain buffers, only the adapters'
     /// gradients computed.
     fn fused_loss_and_grads(
         &self,

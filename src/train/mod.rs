@@ -96,7 +96,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Shuffle the data each epoch; false keeps file order.
     pub shuffle: bool,
-    /// Activation checkpointing per decoder layer where the model's fused step runs (the
+    /// Activation checkpointing per decoder layer where the model's training engine runs (the
     /// Llama family on the CPU in f32): less memory, one more forward per step.
     #[serde(default)]
     pub gradient_checkpointing: bool,

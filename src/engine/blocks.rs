@@ -8,6 +8,7 @@
 //! PostNormResidual: y = LN(x + f(x))                 dz = LN'(dy), dx = dz + f'(dz)
 //! GeluMlp:          y = gelu(x·Wiᵀ + bi)·Woᵀ + bo     (BERT)
 //! CausalLmHead:     loss = Σ_predicted (logsumexp(rms(x)·wf·Whᵀ) − logit[label])
+//! PooledHead:       loss = f(x[rows])   (classification heads, by autograd on [b, H])
 //! ```
 //!
 //! Every linear is an [`Lin`] (frozen weight, optional adapter); its adapter's gradients come
@@ -484,5 +485,60 @@ impl Head for CausalLmHead<'_> {
         let mut dx = vec![0f32; n * hs];
         rms_norm_backward(isa, &dxf, x, &invf, self.norm, &mut dx, true);
         Ok((loss, Some(dx)))
+    }
+}
+
+/// A classification head on chosen rows: gathers rows `rows` of the last hidden states into a
+/// `[b, hidden]` leaf and runs `loss` on it through candle's autograd (pooling, norm,
+/// classifier: small tensors), which gives the gradients of the head's own variables among
+/// `vars` and of the gathered rows, scattered back to their places.
+pub(crate) struct PooledHead<'f> {
+    /// The row of `x` each sequence is classified by (`[CLS]`, or the last non-pad token).
+    pub rows: Vec<usize>,
+    /// Hidden width.
+    pub hidden: usize,
+    /// The scalar loss of the gathered rows.
+    pub loss: &'f dyn Fn(&Tensor) -> Result<Tensor>,
+    /// The model's trainable variables (those the head uses get their gradients here).
+    pub vars: Vec<Var>,
+}
+
+impl Head for PooledHead<'_> {
+    fn loss_and_grad(
+        &self,
+        _cx: &Cx,
+        x: &[f32],
+        need_dx: bool,
+        grads: &mut Grads,
+    ) -> Result<(f64, Option<Vec<f32>>)> {
+        let (h, b) = (self.hidden, self.rows.len());
+        let mut rows = Vec::with_capacity(b * h);
+        for &r in &self.rows {
+            rows.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        // A leaf whose gradient autograd reports: the gathered rows' gradient.
+        let leaf = Var::from_tensor(&Tensor::from_vec(rows, (b, h), &candle_core::Device::Cpu)?)?;
+        let loss = (self.loss)(leaf.as_tensor())?;
+        let g = loss.backward()?;
+        for v in &self.vars {
+            if let Some(gv) = g.get(v.as_tensor()) {
+                grads.push((v.clone(), gv.clone()));
+            }
+        }
+        let value = f64::from(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
+        if !need_dx {
+            return Ok((value, None));
+        }
+        let mut dx = vec![0f32; x.len()];
+        if let Some(d) = g.get(leaf.as_tensor()) {
+            let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
+            for (i, &r) in self.rows.iter().enumerate() {
+                dx[r * h..(r + 1) * h]
+                    .iter_mut()
+                    .zip(&d[i * h..(i + 1) * h])
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok((value, Some(dx)))
     }
 }

@@ -119,7 +119,7 @@ impl Classifier {
                 x.attention_mask.as_ref(),
                 labels,
             ),
-            Classifier::Llama(_) => Ok(None),
+            Classifier::Llama(m) => m.fused_classify_step(&x.input_ids, labels),
         }
     }
 

@@ -687,27 +687,7 @@ impl Llama {
             ));
         };
         let (b, t) = ids.dims2()?;
-        let rows = ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
-        let last: Vec<u32> = match self.cfg.pad_token_id {
-            Some(pad) => rows
-                .iter()
-                .map(|r| {
-                    // argmax(position · [id ≠ pad]): the first maximum, 0 when all are pads.
-                    (0..t)
-                        .rev()
-                        .find(|&j| r[j] != i64::from(pad))
-                        .map_or(0, |j| j as u32)
-                })
-                .collect(),
-            None if b == 1 => vec![t.saturating_sub(1) as u32],
-            None => {
-                return Err(Error::State(
-                    "cannot classify batches of more than one sequence: the config has no \
-                     pad_token_id"
-                        .into(),
-                ))
-            }
-        };
+        let last = self.pooled_positions(ids)?;
         let x = self.hidden(ids, 0, None, train)?; // [b, t, H]
         let hs = x.dim(2)?;
         let idx: Vec<u32> = last
@@ -718,6 +698,32 @@ impl Llama {
         let idx = Tensor::from_vec(idx, b, x.device())?;
         let pooled = x.reshape((b * t, hs))?.index_select(&idx, 0)?; // [b, H]
         Ok(score.forward_t(&pooled, train)?.to_dtype(DType::F32)?)
+    }
+
+    /// The position each sequence of `ids: [b, t]` is classified by, as transformers picks it:
+    /// the last token that is not `pad_token_id` (0 when all are), or the last position for a
+    /// single sequence without a `pad_token_id`.
+    pub(crate) fn pooled_positions(&self, ids: &Tensor) -> Result<Vec<u32>> {
+        let (b, t) = ids.dims2()?;
+        let rows = ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        match self.cfg.pad_token_id {
+            Some(pad) => Ok(rows
+                .iter()
+                .map(|r| {
+                    // argmax(position · [id ≠ pad]): the first maximum, 0 when all are pads.
+                    (0..t)
+                        .rev()
+                        .find(|&j| r[j] != i64::from(pad))
+                        .map_or(0, |j| j as u32)
+                })
+                .collect()),
+            None if b == 1 => Ok(vec![t.saturating_sub(1) as u32]),
+            None => Err(Error::State(
+                "cannot classify batches of more than one sequence: the config has no \
+                 pad_token_id"
+                    .into(),
+            )),
+        }
     }
 
     /// The final normed hidden states `[b, t, H]` for `ids: [b, t]` at positions

@@ -20,64 +20,18 @@
 //! otherwise [`Bert::fused_classify_step`] returns `None` and callers use autograd. Tested
 //! against the autograd path (loss and every gradient) in `tests`.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
 use super::{Act, Bert};
-use crate::engine::blocks::{GeluMlp, PostNormResidual, SelfAttention};
+use crate::engine::blocks::{GeluMlp, PooledHead, PostNormResidual, SelfAttention};
 use crate::engine::linear::{engine_runs, Lin};
-use crate::engine::{cpu_f32, train_step, Block, Cx, Grads, Head, Stack};
+use crate::engine::{cpu_f32, train_step, Block, Cx, Stack};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{Attention, Mask};
 use crate::kernels::Isa;
 use crate::layers::LoraLinear;
 use crate::models::classification_loss;
 use crate::models::classifier::LossAndGrads;
-
-/// The classification head on the `[CLS]` rows (see the module doc).
-struct ClsHead<'m> {
-    model: &'m Bert,
-    b: usize,
-    t: usize,
-    labels: &'m Tensor,
-}
-
-impl Head for ClsHead<'_> {
-    fn loss_and_grad(
-        &self,
-        _cx: &Cx,
-        x: &[f32],
-        need_dx: bool,
-        grads: &mut Grads,
-    ) -> Result<(f64, Option<Vec<f32>>)> {
-        let (b, t, h) = (self.b, self.t, self.model.cfg.hidden_size);
-        let mut rows = Vec::with_capacity(b * h);
-        for i in 0..b {
-            rows.extend_from_slice(&x[i * t * h..i * t * h + h]);
-        }
-        // A leaf whose gradient autograd reports: the [CLS] rows' gradient.
-        let cls = Var::from_tensor(&Tensor::from_vec(rows, (b, 1, h), &Device::Cpu)?)?;
-        let logits = self.model.head_logits(cls.as_tensor(), true)?;
-        let loss = classification_loss(&logits, self.labels)?;
-        let g = loss.backward()?;
-        for v in self.model.trainable_vars() {
-            if let Some(gv) = g.get(v.as_tensor()) {
-                grads.push((v, gv.clone()));
-            }
-        }
-        let loss = f64::from(loss.to_scalar::<f32>()?);
-        if !need_dx {
-            return Ok((loss, None));
-        }
-        let mut dx = vec![0f32; b * t * h];
-        if let Some(dcls) = g.get(cls.as_tensor()) {
-            let dcls: Vec<f32> = dcls.flatten_all()?.to_vec1()?;
-            for i in 0..b {
-                dx[i * t * h..i * t * h + h].copy_from_slice(&dcls[i * h..(i + 1) * h]);
-            }
-        }
-        Ok((loss, Some(dx)))
-    }
-}
 
 impl Bert {
     /// The encoder linears of layer `i`: `query, key, value, attention.output.dense,
@@ -260,11 +214,16 @@ impl Bert {
         let emb_trains = vars.iter().any(|v| emb_ids.contains(&v.as_tensor().id()));
         let emb = self.embed(ids, token_type_ids)?.to_dtype(DType::F32)?;
         let x = emb.flatten_all()?.to_vec1::<f32>()?;
-        let head = ClsHead {
-            model: self,
-            b,
-            t,
-            labels,
+        let h = self.cfg.hidden_size;
+        let loss = |cls: &Tensor| -> Result<Tensor> {
+            let logits = self.head_logits(&cls.unsqueeze(1)?, true)?;
+            classification_loss(&logits, labels)
+        };
+        let head = PooledHead {
+            rows: (0..b).map(|i| i * t).collect(),
+            hidden: h,
+            loss: &loss,
+            vars: vars.clone(),
         };
         let cx = Cx {
             n: b * t,

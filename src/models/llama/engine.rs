@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Mistral differs from Llama only in its sliding window, Qwen2 in its q/k/v biases; both are
-//! options of the same blocks. With [`FusedOptions::gradient_checkpointing`] each decoder layer
+//! options of the same blocks. A `*ForSequenceClassification` model runs the same body with a
+//! [`PooledHead`] instead of the LM head ([`Llama::fused_classify_step`]). With [`FusedOptions::gradient_checkpointing`] each decoder layer
 //! is a [`Checkpointed`] block. The engine applies when the model is on the CPU in f32, every
 //! trainable variable is a `lora_A` / `lora_B` of a decoder linear (`q/k/v/o_proj`,
 //! `gate/up/down_proj`), no adapter uses DoRA (its magnitude vector is not in these blocks) and
@@ -21,7 +22,7 @@ use std::collections::HashSet;
 use candle_core::{DType, Tensor};
 
 use super::Llama;
-use crate::engine::blocks::{CausalLmHead, PreNormResidual, SelfAttention, SwiGluMlp};
+use crate::engine::blocks::{CausalLmHead, PooledHead, PreNormResidual, SelfAttention, SwiGluMlp};
 use crate::engine::linear::{engine_runs, Lin};
 use crate::engine::{
     cpu_f32, train_step, Block, Checkpointed, Cx, FusedGrads, FusedOptions, Stack,
@@ -31,6 +32,8 @@ use crate::kernels::attention::{Attention, Mask};
 use crate::kernels::embedding::embedding_forward;
 use crate::kernels::Isa;
 use crate::layers::LoraLinear;
+use crate::models::classification_loss;
+use crate::models::classifier::LossAndGrads;
 
 impl Llama {
     /// The decoder linears of layer `i` in the order `q, k, v, o, gate, up, down`.
@@ -40,65 +43,72 @@ impl Llama {
         [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
     }
 
-    /// Whether [`Llama::fused_step`] applies (see the module doc).
-    fn fused_applies(&self) -> bool {
+    /// Whether the engine applies (see the module doc): the decoder linears it can run, every
+    /// trainable variable an adapter factor of one of them, or (`head_vars`) a variable of the
+    /// classification head, which runs through autograd.
+    fn engine_applies(&self, head_vars: bool) -> bool {
         let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        let mut lora_ids = HashSet::new();
+        let mut allowed = HashSet::new();
         for i in 0..self.layers.len() {
             for lin in self.linears(i) {
                 if !engine_runs(lin) {
                     return false;
                 }
                 if let Some(l) = lin.lora() {
-                    lora_ids.insert(l.a.as_tensor().id());
-                    lora_ids.insert(l.b.as_tensor().id());
+                    allowed.insert(l.a.as_tensor().id());
+                    allowed.insert(l.b.as_tensor().id());
                 }
             }
         }
+        if head_vars {
+            let Some(score) = &self.score else {
+                return false;
+            };
+            allowed.extend(score.trainable_vars().iter().map(|v| v.as_tensor().id()));
+        }
         let vars = self.trainable_vars();
         !vars.is_empty()
-            && self.score.is_none()
-            && vars.len() == lora_ids.len()
-            && vars.iter().all(|v| lora_ids.contains(&v.as_tensor().id()))
+            && vars.iter().all(|v| allowed.contains(&v.as_tensor().id()))
             && f32_cpu(self.embed.table())
+            && f32_cpu(self.norm.weight())
+    }
+
+    /// Whether [`Llama::fused_step`] applies: a causal LM (no classification head) whose
+    /// `lm_head` is frozen f32 on the CPU.
+    fn fused_applies(&self) -> bool {
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        self.score.is_none()
+            && self.engine_applies(false)
             && self
                 .lm_head
                 .as_ref()
                 .is_none_or(|h| f32_cpu(h.weight()) && h.lora().is_none())
     }
 
-    /// One training batch by the engine (see the module doc): the summed loss of
-    /// `ids: [b, t]` against `labels: [b, t]` (transformers' shift, −100 skipped) and its
-    /// gradient for every trainable variable. `None` when the engine does not apply to this
-    /// model; use autograd then. Same results as
-    /// `causal_lm_loss_sum(forward_t(ids, true), labels)` and its backward, to f32 rounding.
-    pub(super) fn fused_step(
-        &self,
-        ids: &Tensor,
-        labels: &Tensor,
-        opts: FusedOptions,
-    ) -> Result<Option<FusedGrads>> {
-        if !self.fused_applies() {
-            return Ok(None);
-        }
-        let isa = Isa::current();
-        let cfg = &self.cfg;
-        let (b, t) = ids.dims2()?;
-        let (hs, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let (rows, tg) = crate::models::loss::predicted_rows(labels, b, t, vocab)?;
-        let mut targets = vec![None; b * t];
-        for (r, tg) in rows.iter().zip(&tg) {
-            targets[*r as usize] = Some(*tg);
-        }
-        let count = rows.len();
+    /// The token ids of `ids: [b, t]` as u32, checked against the vocabulary.
+    fn engine_ids(&self, ids: &Tensor) -> Result<Vec<u32>> {
+        let vocab = self.cfg.vocab_size;
         let ids: Vec<u32> = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(Error::State(format!(
                 "token id {bad} is outside the vocabulary (size {vocab})"
             )));
         }
+        Ok(ids)
+    }
 
-        // Borrow every frozen tensor's data for the whole step.
+    /// Builds the decoder's blocks for `b` sequences of `t` tokens (borrowing every frozen
+    /// weight for the call), embeds `ids` and runs `f(body, x, final norm weight, lm_head or
+    /// tied table)`.
+    fn with_body<R>(
+        &self,
+        ids: &[u32],
+        (b, t): (usize, usize),
+        opts: FusedOptions,
+        isa: Isa,
+        f: impl FnOnce(&Stack, &[f32], &[f32], &[f32]) -> Result<R>,
+    ) -> Result<R> {
+        let cfg = &self.cfg;
         let head_w = self
             .lm_head
             .as_ref()
@@ -187,25 +197,110 @@ impl Llama {
                 body.push(Box::new(mlp));
             }
         }
-        let head = CausalLmHead {
-            norm: d(1, "norm")?,
-            eps,
-            weight: d(2, "lm_head")?,
-            vocab,
-            targets,
-        };
-        let x = embedding_forward(d(0, "embed_tokens")?, hs, &ids);
+        let x = embedding_forward(d(0, "embed_tokens")?, cfg.hidden_size, ids);
+        let body = Stack { blocks: body };
+        let out = f(&body, &x, d(1, "norm")?, d(2, "lm_head")?);
+        drop(body);
+        out
+    }
+
+    /// One training batch by the engine (see the module doc): the summed loss of
+    /// `ids: [b, t]` against `labels: [b, t]` (transformers' shift, −100 skipped) and its
+    /// gradient for every trainable variable. `None` when the engine does not apply to this
+    /// model; use autograd then. Same results as
+    /// `causal_lm_loss_sum(forward_t(ids, true), labels)` and its backward, to f32 rounding.
+    pub(super) fn fused_step(
+        &self,
+        ids: &Tensor,
+        labels: &Tensor,
+        opts: FusedOptions,
+    ) -> Result<Option<FusedGrads>> {
+        if !self.fused_applies() {
+            return Ok(None);
+        }
+        let isa = Isa::current();
+        let (b, t) = ids.dims2()?;
+        let vocab = self.cfg.vocab_size;
+        let (rows, tg) = crate::models::loss::predicted_rows(labels, b, t, vocab)?;
+        let mut targets = vec![None; b * t];
+        for (r, tg) in rows.iter().zip(&tg) {
+            targets[*r as usize] = Some(*tg);
+        }
+        let count = rows.len();
+        let ids = self.engine_ids(ids)?;
         let cx = Cx {
             n: b * t,
             isa,
             keep: true,
         };
-        let (loss_sum, grads, _) = train_step(&cx, &Stack { blocks: body }, &head, &x, false)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let (loss_sum, grads, _) =
+            self.with_body(&ids, (b, t), opts, isa, |body, x, norm, weight| {
+                let head = CausalLmHead {
+                    norm,
+                    eps,
+                    weight,
+                    vocab,
+                    targets,
+                };
+                train_step(&cx, body, &head, x, false)
+            })?;
         Ok(Some(FusedGrads {
             loss_sum,
             count,
             grads,
         }))
+    }
+
+    /// One training batch of sequence classification by the engine: the mean cross-entropy
+    /// of [`Llama::classify`]`(ids, true)` against `labels: [b]` (−100 skipped) and the
+    /// gradient of every trainable variable. The decoder runs the engine's blocks; the pooled
+    /// rows (the last token that is not `pad_token_id`), the final norm and `score` run through
+    /// autograd on `[b, H]`. `None` when the engine does not apply; use autograd then. Same
+    /// results as [`classification_loss`] of `classify` and its backward, to f32 rounding.
+    pub fn fused_classify_step(
+        &self,
+        ids: &Tensor,
+        labels: &Tensor,
+    ) -> Result<Option<LossAndGrads>> {
+        if !self.engine_applies(true) {
+            return Ok(None);
+        }
+        let Some(score) = &self.score else {
+            return Ok(None);
+        };
+        let isa = Isa::current();
+        let (b, t) = ids.dims2()?;
+        let last = self.pooled_positions(ids)?;
+        let h = self.cfg.hidden_size;
+        let ids = self.engine_ids(ids)?;
+        let cx = Cx {
+            n: b * t,
+            isa,
+            keep: true,
+        };
+        let loss = |pooled: &Tensor| -> Result<Tensor> {
+            let logits = score.forward_t(&self.norm.forward(pooled)?, true)?;
+            classification_loss(&logits.to_dtype(DType::F32)?, labels)
+        };
+        let head = PooledHead {
+            rows: last
+                .iter()
+                .enumerate()
+                .map(|(i, &j)| i * t + j as usize)
+                .collect(),
+            hidden: h,
+            loss: &loss,
+            vars: self.trainable_vars(),
+        };
+        let (loss, grads, _) = self.with_body(
+            &ids,
+            (b, t),
+            FusedOptions::default(),
+            isa,
+            |body, x, _, _| train_step(&cx, body, &head, x, false),
+        )?;
+        Ok(Some((loss, grads)))
     }
 }
 
@@ -416,6 +511,60 @@ mod tests {
                 assert!(
                     scale > 0.0 && diff <= 1e-6 * scale,
                     "dropout {dropout}: {diff}"
+                );
+            }
+        }
+    }
+
+    /// Sequence classification (`LlamaForSequenceClassification`, LoRA on every decoder
+    /// linear, the `score` head a trainable `modules_to_save` copy, pooling on the last token
+    /// that is not the pad id): loss and every gradient agree with autograd through
+    /// `classify` and `classification_loss`, relative 1e-5, on every kernel target.
+    #[test]
+    fn classification_matches_autograd() {
+        let cfg = tiny(
+            "LlamaForSequenceClassification",
+            r#", "pad_token_id": 0, "id2label": {"0": "a", "1": "b", "2": "c"}"#,
+        );
+        let mut w = random_weights(&cfg, false);
+        let score =
+            crate::layers::normal(&[3, 16], 0.3, &crate::layers::LoraRng::new(5), &Device::Cpu)
+                .unwrap();
+        w.insert("score.weight".into(), score);
+        let mut lc = LoraConfig::new(4, 8.0, ALL);
+        lc.init_lora_weights = InitLoraWeights::Random;
+        lc.lora_dropout = 0.2;
+        lc.modules_to_save = Some(vec!["score".into()]);
+        let vb = LoraBuilder::new(MapSource::new(w), DType::F32, Device::Cpu)
+            .with_config(lc)
+            .unwrap();
+        let m = Llama::load(&cfg, &vb).unwrap();
+        // Right padding with the pad id 0 (the second row's last real token is at 3).
+        let ids =
+            Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [4, 2, 9, 9, 0, 0]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[2i64, 0], &Device::Cpu).unwrap();
+        let (seed, pos) = m.vb.rng().state();
+        let loss = classification_loss(&m.classify(&ids, true).unwrap(), &labels).unwrap();
+        let want = f64::from(loss.to_scalar::<f32>().unwrap());
+        let g = loss.backward().unwrap();
+        let vars = m.trainable_vars();
+        for isa in Isa::supported() {
+            m.vb.rng().restore(seed, pos);
+            let (got, grads) =
+                crate::kernels::with_isa(isa, || m.fused_classify_step(&ids, &labels))
+                    .unwrap()
+                    .unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "{isa}: {got} vs {want}"
+            );
+            assert_eq!(grads.len(), vars.len(), "{isa}");
+            for (v, got) in &grads {
+                let want = g.get(v.as_tensor()).unwrap();
+                let (diff, scale) = crate::testutil::diff_and_scale(got, want);
+                assert!(
+                    scale > 0.0 && diff <= 1e-5 * scale,
+                    "{isa}: {diff} (scale {scale})"
                 );
             }
         }

@@ -41,3 +41,38 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32) {
     let (d, m) = diff_and_scale(a, b);
     assert!(d <= tol * m.max(1.0), "max diff {d} (scale {m}, tol {tol})");
 }
+
+/// Asserts that `got` holds one gradient for each of `n_vars` variables and that each agrees
+/// with autograd's (`want`) within `rel` of its largest magnitude; a variable in `zero` has a
+/// gradient that is exactly 0 in exact arithmetic, where both sides hold rounding noise: it
+/// must stay below `rel` absolutely. `what` names the case in messages.
+pub fn assert_grads_match(
+    what: &str,
+    got: &[(candle_core::Var, Tensor)],
+    want: &candle_core::backprop::GradStore,
+    n_vars: usize,
+    rel: f32,
+    zero: &[candle_core::TensorId],
+) {
+    assert_eq!(
+        got.len(),
+        n_vars,
+        "{what}: gradients for {} of {n_vars} variables",
+        got.len()
+    );
+    for (v, g) in got {
+        let w = want
+            .get(v.as_tensor())
+            .expect("autograd has this variable's gradient");
+        let (diff, scale) = diff_and_scale(g, w);
+        if zero.contains(&v.as_tensor().id()) {
+            assert!(diff <= rel, "{what}: a zero gradient differs by {diff}");
+            continue;
+        }
+        assert!(scale > 0.0, "{what}: zero gradient");
+        assert!(
+            diff <= rel * scale,
+            "{what}: gradient differs by {diff} (scale {scale})"
+        );
+    }
+}

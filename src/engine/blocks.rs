@@ -15,7 +15,6 @@
 //! from the block's input and output gradient (see [`super::linear`]).
 
 use candle_core::{Tensor, Var};
-use rayon::prelude::*;
 
 use super::linear::{Dropped, Lin};
 use super::{saved, Block, Cx, Grads, Head, Saved, Tape};
@@ -29,19 +28,11 @@ use crate::kernels::norm::{
 };
 use crate::kernels::rope::rope_inplace;
 use crate::kernels::softmax::cross_entropy_inplace;
-use crate::kernels::{vectorised, Isa, CHUNK};
+use crate::kernels::{zip_update, Isa};
 
 /// `a += b`.
 fn add_into(isa: Isa, a: &mut [f32], b: &[f32]) {
-    a.par_chunks_mut(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|(a, b)| {
-            vectorised(
-                isa,
-                #[inline(always)]
-                || a.iter_mut().zip(b).for_each(|(a, b)| *a += b),
-            )
-        });
+    zip_update(isa, a, b, |a, b| *a += b);
 }
 
 /// A pre-norm residual around an inner block: `y = x + f(rms(x)·w)` (Llama's attention and MLP

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::{vectorised, Isa, CHUNK};
+use super::{vectorised, zip_update, Isa, CHUNK};
 
 /// The scalars of one parameter update (f32, as the tensor path applies them).
 #[derive(Debug, Clone, Copy)]
@@ -28,19 +28,6 @@ pub(crate) struct AdamWStep {
     pub eps: f32,
     /// `lr / (1 − β1ᵗ)`.
     pub step_size: f32,
-}
-
-/// `a (+)= …` element-wise over equally long slices, in parallel chunks on `isa`.
-fn zip_update(isa: Isa, a: &mut [f32], b: &[f32], f: impl Fn(&mut f32, f32) + Sync) {
-    a.par_chunks_mut(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|(a, b)| {
-            vectorised(
-                isa,
-                #[inline(always)]
-                || a.iter_mut().zip(b).for_each(|(a, &b)| f(a, b)),
-            )
-        });
 }
 
 /// The first moment: `m ← m + (g − m)·(1 − β1)` in place.

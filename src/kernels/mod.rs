@@ -47,6 +47,21 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
 /// Elements per rayon task of the element-wise kernels.
 pub(crate) const CHUNK: usize = 16 * 1024;
 
+/// `f(&mut a[i], b[i])` for every element of two equally long slices, in parallel chunks of
+/// [`CHUNK`], on `isa` (e.g. `a += b`).
+pub(crate) fn zip_update(isa: Isa, a: &mut [f32], b: &[f32], f: impl Fn(&mut f32, f32) + Sync) {
+    use rayon::prelude::*;
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|(a, b)| {
+            vectorised(
+                isa,
+                #[inline(always)]
+                || a.iter_mut().zip(b).for_each(|(a, &b)| f(a, b)),
+            )
+        });
+}
+
 /// A `Vec` of `len` values each written by `fill` (given the spare capacity), without zeroing
 /// it first.
 ///

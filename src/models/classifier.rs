@@ -133,7 +133,7 @@ impl Classifier {
                 x.token_type_ids.as_ref(),
                 x.attention_mask.as_ref(),
             ),
-            Classifier::Llama(_) => Ok(None),
+            Classifier::Llama(m) => m.fused_classify_logits(&x.input_ids),
         }
     }
 

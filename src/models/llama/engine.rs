@@ -302,6 +302,41 @@ impl Llama {
         )?;
         Ok(Some((loss, grads)))
     }
+
+    /// Inference by the engine's blocks: the logits `[b, num_labels]` of
+    /// [`Llama::classify`]`(ids, false)` (no dropout), keeping no activation. `None` where
+    /// the engine does not run the model (not f32 on the CPU, a merged or DoRA adapter, no
+    /// `score` head); same values as `classify` to f32 rounding.
+    pub fn fused_classify_logits(&self, ids: &Tensor) -> Result<Option<Tensor>> {
+        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let runs = (0..self.layers.len()).all(|i| self.linears(i).into_iter().all(engine_runs));
+        let Some(score) = self.score.as_ref().filter(|_| runs) else {
+            return Ok(None);
+        };
+        if !f32_cpu(self.embed.table()) || !f32_cpu(self.norm.weight()) {
+            return Ok(None);
+        }
+        let isa = Isa::current();
+        let (b, t) = ids.dims2()?;
+        let last = self.pooled_positions(ids)?;
+        let h = self.cfg.hidden_size;
+        let ids = self.engine_ids(ids)?;
+        let cx = Cx {
+            n: b * t,
+            isa,
+            keep: false,
+        };
+        let opts = FusedOptions::default();
+        let y = self.with_body(&ids, (b, t), opts, isa, |body, x, _, _| body.infer(&cx, x))?;
+        let mut rows = Vec::with_capacity(b * h);
+        for (i, &j) in last.iter().enumerate() {
+            let r = i * t + j as usize;
+            rows.extend_from_slice(&y[r * h..(r + 1) * h]);
+        }
+        let pooled = Tensor::from_vec(rows, (b, h), &candle_core::Device::Cpu)?;
+        let logits = score.forward_t(&self.norm.forward(&pooled)?, false)?;
+        Ok(Some(logits.to_dtype(DType::F32)?.detach()))
+    }
 }
 
 #[cfg(test)]
@@ -516,12 +551,9 @@ mod tests {
         }
     }
 
-    /// Sequence classification (`LlamaForSequenceClassification`, LoRA on every decoder
-    /// linear, the `score` head a trainable `modules_to_save` copy, pooling on the last token
-    /// that is not the pad id): loss and every gradient agree with autograd through
-    /// `classify` and `classification_loss`, relative 1e-5, on every kernel target.
-    #[test]
-    fn classification_matches_autograd() {
+    /// A tiny `LlamaForSequenceClassification` (3 labels, pad id 0) with LoRA on every
+    /// decoder linear (dropout `dropout`) and the `score` head a trainable copy.
+    fn classifier(dropout: f64) -> Llama {
         let cfg = tiny(
             "LlamaForSequenceClassification",
             r#", "pad_token_id": 0, "id2label": {"0": "a", "1": "b", "2": "c"}"#,
@@ -533,12 +565,21 @@ mod tests {
         w.insert("score.weight".into(), score);
         let mut lc = LoraConfig::new(4, 8.0, ALL);
         lc.init_lora_weights = InitLoraWeights::Random;
-        lc.lora_dropout = 0.2;
+        lc.lora_dropout = dropout;
         lc.modules_to_save = Some(vec!["score".into()]);
         let vb = LoraBuilder::new(MapSource::new(w), DType::F32, Device::Cpu)
             .with_config(lc)
             .unwrap();
-        let m = Llama::load(&cfg, &vb).unwrap();
+        Llama::load(&cfg, &vb).unwrap()
+    }
+
+    /// Sequence classification (`LlamaForSequenceClassification`, LoRA on every decoder
+    /// linear, the `score` head a trainable `modules_to_save` copy, pooling on the last token
+    /// that is not the pad id): loss and every gradient agree with autograd through
+    /// `classify` and `classification_loss`, relative 1e-5, on every kernel target.
+    #[test]
+    fn classification_matches_autograd() {
+        let m = classifier(0.2);
         // Right padding with the pad id 0 (the second row's last real token is at 3).
         let ids =
             Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [4, 2, 9, 9, 0, 0]], &Device::Cpu).unwrap();
@@ -561,6 +602,24 @@ mod tests {
             let what = format!("{isa}");
             crate::testutil::assert_grads_match(&what, &grads, &g, vars.len(), 1e-5, &[]);
         }
+    }
+
+    /// Inference by the blocks gives `classify`'s logits (relative 1e-5), with adapter
+    /// dropout configured and not applied, drawing nothing from the dropout stream.
+    #[test]
+    fn classification_inference_matches_classify() {
+        let m = classifier(0.3);
+        let ids =
+            Tensor::new(&[[3u32, 7, 1, 30, 12, 5], [4, 2, 9, 9, 0, 0]], &Device::Cpu).unwrap();
+        let want = m.classify(&ids, false).unwrap();
+        let before = m.vb.rng().state();
+        let got = m.fused_classify_logits(&ids).unwrap().unwrap();
+        assert_eq!(m.vb.rng().state(), before);
+        let (diff, scale) = crate::testutil::diff_and_scale(&got, &want);
+        assert!(
+            scale > 0.0 && diff <= 1e-5 * scale,
+            "{diff} (scale {scale})"
+        );
     }
 
     #[test]

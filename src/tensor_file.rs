@@ -465,6 +465,40 @@ pub fn pt_metadata() -> BTreeMap<String, String> {
 mod tests {
     use super::*;
 
+    /// Loading hands the mapped pages back (`MADV_DONTNEED`); reading the same multi-page
+    /// tensors again, as tensors and as bytes, still gives the file's values.
+    #[test]
+    fn tensors_read_again_after_their_pages_are_handed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big.safetensors");
+        let dev = Device::Cpu;
+        let vals = |k: u32| {
+            (0..40_000u32)
+                .map(|i| (i * 7 + k) as f32 * 0.5)
+                .collect::<Vec<_>>()
+        };
+        let m = BTreeMap::from([
+            (
+                "x".to_string(),
+                Tensor::from_vec(vals(1), 40_000, &dev).unwrap(),
+            ),
+            (
+                "y".to_string(),
+                Tensor::from_vec(vals(2), 40_000, &dev).unwrap(),
+            ),
+        ]);
+        save(&p, &m, &pt_metadata()).unwrap();
+        let f = SafeFile::open(&p).unwrap();
+        for _ in 0..2 {
+            for (k, want) in [("x", vals(1)), ("y", vals(2))] {
+                let got: Vec<f32> = f.tensor(k, &dev).unwrap().to_vec1().unwrap();
+                assert_eq!(got, want, "{k}");
+                let bytes: Vec<u8> = want.iter().flat_map(|v| v.to_le_bytes()).collect();
+                assert_eq!(f.bytes(k).unwrap(), bytes.as_slice(), "{k}");
+            }
+        }
+    }
+
     #[test]
     fn save_then_open_round_trips_bit_for_bit_with_metadata() {
         let dir = tempfile::tempdir().unwrap();

@@ -18,10 +18,12 @@
 //! and Qwen2's from the loaded model). A [`Block`] has a forward that returns its output and
 //! what its backward needs, and a backward that turns the output gradient into its adapters'
 //! gradients and, when something before it trains, the input gradient. The blocks are
-//! [`blocks::PreNormResidual`] (`y = x + f(norm(x))`), [`blocks::SelfAttention`] (RoPE, GQA,
-//! causal with an optional sliding window), [`blocks::SwiGluMlp`], [`Stack`] (blocks in order)
-//! and [`Checkpointed`] (activation checkpointing around any block); the embedding and the
-//! causal-LM head with its cross-entropy close the chain ([`blocks::CausalLmHead`]).
+//! [`blocks::PreNormResidual`] (`y = x + f(norm(x))`), [`blocks::PostNormResidual`]
+//! (`y = LN(x + f(x))`), [`blocks::SelfAttention`] (GQA, optional RoPE, causal with an optional
+//! sliding window or bidirectional with padding), [`blocks::SwiGluMlp`], [`blocks::GeluMlp`],
+//! [`Stack`] (blocks in order) and [`Checkpointed`] (activation checkpointing around any
+//! block); the embedding and a [`Head`] close the chain: [`blocks::CausalLmHead`] (final norm,
+//! logits, cross-entropy) or [`blocks::PooledHead`] (a classification head on chosen rows).
 //!
 //! Memory: the [`Stack`] keeps each block's input (its parent's output) for the backward, so no
 //! block saves its input; a block saves only what its backward cannot recompute cheaply. The
@@ -83,6 +85,13 @@ pub(crate) fn cpu_f32<'g, G: std::ops::Deref<Target = Storage>>(
             "training engine: {what} is not contiguous f32 on the CPU"
         ))),
     }
+}
+
+/// Whether `grads` holds a gradient for each of `vars` (a variable the blocks and heads did
+/// not reach would otherwise be skipped silently by the optimizer).
+pub(crate) fn covers(grads: &Grads, vars: &[Var]) -> bool {
+    let got: std::collections::HashSet<_> = grads.iter().map(|(v, _)| v.as_tensor().id()).collect();
+    vars.iter().all(|v| got.contains(&v.as_tensor().id()))
 }
 
 /// Gradients of the trainable variables, in the order the backward produced them.

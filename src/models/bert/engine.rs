@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{Act, Bert};
 use crate::engine::blocks::{GeluMlp, PooledHead, PostNormResidual, SelfAttention};
 use crate::engine::linear::{engine_runs, Lin};
-use crate::engine::{cpu_f32, train_step, Block, Cx, Stack};
+use crate::engine::{covers, cpu_f32, train_step, Block, Cx, Stack};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{Attention, Mask};
 use crate::kernels::Isa;
@@ -246,7 +246,8 @@ impl Bert {
                 }
             }
         }
-        Ok(Some((loss, grads)))
+        // Every trainable variable must have its gradient; otherwise leave it to autograd.
+        Ok(covers(&grads, &vars).then_some((loss, grads)))
     }
 
     /// Inference by the engine's blocks: the logits `[b, num_labels]` of

@@ -25,7 +25,7 @@ use super::Llama;
 use crate::engine::blocks::{CausalLmHead, PooledHead, PreNormResidual, SelfAttention, SwiGluMlp};
 use crate::engine::linear::{engine_runs, Lin};
 use crate::engine::{
-    cpu_f32, train_step, Block, Checkpointed, Cx, FusedGrads, FusedOptions, Stack,
+    covers, cpu_f32, train_step, Block, Checkpointed, Cx, FusedGrads, FusedOptions, Stack,
 };
 use crate::error::{Error, Result};
 use crate::kernels::attention::{Attention, Mask};
@@ -300,7 +300,8 @@ impl Llama {
             isa,
             |body, x, _, _| train_step(&cx, body, &head, x, false),
         )?;
-        Ok(Some((loss, grads)))
+        // Every trainable variable must have its gradient; otherwise leave it to autograd.
+        Ok(covers(&grads, &self.trainable_vars()).then_some((loss, grads)))
     }
 
     /// Inference by the engine's blocks: the logits `[b, num_labels]` of
